@@ -1,0 +1,319 @@
+"""Typed experiment configs: dataclasses, YAML files with one-level ``base`` inheritance, ``--set`` overrides.
+
+Named configs live in ``weakclip/configs/<name>.yaml``; ``list_configs()`` lists them. A config file may say
+``base: voc`` to start from another config and change only some fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import WeakclipError
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+@dataclass
+class ClipConfig:
+    """Which CLIP to wrap and how. ``pretrained`` is an open_clip tag, a local file, or null (random init)."""
+
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    # Custom architecture for open_clip.CLIP(**arch) (embed_dim, vision_cfg, text_cfg); overrides ``model``.
+    arch: dict | None = None
+    # 1-based block indices whose outputs are tapped; null picks depth * (1/3, 1/2, 2/3, 1): 4, 6, 8, 12.
+    taps: list[int] | None = None
+    normalize: str = "clip"  # "clip" or "imagenet" (released)
+    class_token_twice: bool = False  # released quirk: CLS input = 2 * class_embedding + pos[0]
+
+
+@dataclass
+class ModelConfig:
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    # Text side (Table 4 row "learnable prompts", Table 5 N).
+    learnable_prompts: bool = True
+    n_ctx: int = 8
+    ctx_init_std: float = 1.0  # released: trunc_normal std 1
+    name_length: int = 5  # SOT + up to 3 BPE tokens + EOT, as released
+    prompt_template: str = "a photo of a {}."  # used when learnable_prompts is false
+    # Visual side.
+    pyramid_adapter: bool = True
+    train_adapter: bool = True  # false = released behaviour (adapter stays at random init)
+    # Co-attention matching (Eq. 7-9; Table 8 alpha/beta initial value).
+    co_attention: bool = True
+    coattn_width: int = 256
+    coattn_heads: int = 4
+    coattn_layers: int = 1
+    coattn_dropout: float = 0.1
+    alpha_init: float = 0.1
+    beta_init: float = 0.1
+    # Text-guided decoder: score map concatenated at all four levels (false: only at 1/16, as DenseCLIP).
+    text_guided_decoder: bool = True
+    decoder_channels: int = 256
+    decoder_dropout: float = 0.1
+
+
+@dataclass
+class CRFConfig:
+    """Dense-CRF kernel parameters: Gaussian (sxy, compat) and bilateral (sxy, srgb, compat)."""
+
+    gauss_sxy: float = 3.0
+    gauss_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+    iters: int = 10
+
+
+@dataclass
+class LossConfig:
+    seed_weight: float = 1.0
+    boundary_weight: float = 1.0
+    aux_weight: float = 0.4
+    tau: float = 0.07
+    size: int = 64  # seeding and boundary losses are computed at size x size
+    crf_backend: str = "auto"  # "auto", "torch" or "pydensecrf"
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    crf_image_classes_only: bool = False  # restrict the boundary CRF to background + the image's classes
+
+
+@dataclass
+class DataConfig:
+    kind: str = "voc"  # "voc", "coco" or "folder"
+    root: str = "data/VOCdevkit/VOC2012"
+    split: str = "train_aug"  # list name (voc/coco: ImageSets/Segmentation/<split>.txt)
+    images_dir: str = "JPEGImages"
+    seeds_dir: str = "Seeds"
+    gt_dir: str = "SegmentationClass"
+    labels_file: str | None = "cls_labels.json"  # null: image-level labels derived from the seeds
+    val_split: str | None = None  # ground-truth split for periodic validation
+    class_names: list[str] = field(default_factory=lambda: list(VOC_CLASSES))
+    ignore_index: int = 255
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 20000
+    batch_size: int = 16  # in total, over all processes
+    crop_size: int = 512
+    base_size: list[int] = field(default_factory=lambda: [2048, 512])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75
+    lr: float = 1e-4
+    weight_decay: float = 3e-5
+    warmup_iters: int = 1500
+    min_lr: float = 1e-6
+    amp: str = "auto"  # "auto" (bf16 on GPUs, fp32 on CPU), "bf16" or "fp32"
+    workers: int = 4
+    seed: int = 504
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    val_every: int = 0  # 0: no periodic validation
+
+
+@dataclass
+class InferConfig:
+    short_side: int = 512
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    flip: bool = True
+    crop_size: int = 512
+    stride: int = 341
+    label_filter: bool = True  # Eq. 14: classes outside the image-level label become 255
+    crf: bool = True
+    crf_params: CRFConfig = field(
+        default_factory=lambda: CRFConfig(3.0, 3.0, 83.0, 5.0, 3.0, 10)
+    )
+    crf_workers: int = 2
+    save_probs_size: int = 128  # --save-probs keeps float16 probabilities at this short side
+
+
+@dataclass
+class RetrainConfig:
+    arch: str = "deeplabv3plus"  # "deeplabv3plus", "deeplab-largefov" or "segformer"
+    encoder: str = "resnet101"
+    encoder_weights: str | None = "imagenet"
+    backbone_file: str | None = None  # local ImageNet weights for the ResNet-38 option
+    iters: int = 40000
+    batch_size: int = 20
+    crop_size: int = 448
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+
+
+@dataclass
+class Config:
+    name: str = "voc"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.class_names)
+
+
+def _configs_dir() -> Path:
+    return Path(str(resources.files("weakclip") / "configs"))
+
+
+def list_configs() -> list[str]:
+    """Names of the configs shipped with the package."""
+    return sorted(p.stem for p in _configs_dir().glob("*.yaml"))
+
+
+def _resolve_file(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise WeakclipError(f"{path}: config file not found")
+        return path
+    shipped = _configs_dir() / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise WeakclipError(
+            f"{name_or_path}: no such config (shipped: {', '.join(list_configs())}; or give a .yaml path)"
+        )
+    return shipped
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise WeakclipError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise WeakclipError(f"{path}: a config must be a mapping of sections")
+    return data
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_tree(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = _resolve_file(name_or_path)
+    if str(path) in seen:
+        raise WeakclipError(f"{path}: 'base' chain loops back on itself")
+    tree = _read_yaml(path)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return _merge(_load_tree(str(base), seen + (str(path),)), tree)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise WeakclipError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise WeakclipError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise WeakclipError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise WeakclipError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WeakclipError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WeakclipError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise WeakclipError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, tree: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in tree.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise WeakclipError(f"{where}.{key}: unknown config key{hint}".lstrip("."))
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}".lstrip("."))
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["train.iters=10", "data.root=/x"]`` into a nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise WeakclipError(f"--set {item}: expected key=value, e.g. train.iters=100")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Load a shipped config by name (``voc``) or a YAML file, then apply ``key=value`` overrides."""
+    tree = _load_tree(name_or_path)
+    tree.setdefault("name", Path(name_or_path).stem)
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Build a validated :class:`Config` from a nested mapping (as saved by :func:`config_to_dict`)."""
+    return _build(Config, tree, "")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (saved beside every output)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: datasets, label-map I/O, transforms and synthetic demo data."""

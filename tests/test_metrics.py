@@ -179,11 +179,12 @@ def test_markdown_keeps_other_names_and_dashes_nan():
     assert text.splitlines()[2] == "| 40.0 | 50.0 | 75.0 | - | 55.0 |"
 
 
-def test_save_plots_writes_two_pngs(tmp_path):
+@pytest.mark.parametrize("log_color", [False, True])
+def test_save_plots_writes_two_pngs(tmp_path, log_color):
     pytest.importorskip("matplotlib")
     meter = ConfusionMeter(3)
     meter.update(PRED, GT)
-    paths = save_plots(meter.result(NAMES3), NAMES3, tmp_path / "plots")
+    paths = save_plots(meter.result(NAMES3), NAMES3, tmp_path / "plots", log_color=log_color)
     assert len(paths) == 2
     for path in paths:
         assert path.parent == tmp_path / "plots"

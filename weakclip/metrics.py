@@ -46,7 +46,7 @@ def _counts(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: in
     gt, pred = gt[valid], pred[valid]
     bad = (gt < 0) | (gt >= k)
     if bad.any():
-        values = sorted(set(np.unique(gt[bad]).tolist()))[:5]
+        values = np.unique(gt[bad])[:5].tolist()
         raise ValueError(f"ground-truth values {values} lie outside 0..{k - 1} and are not {ignore_index}")
     pred = np.where((pred < 0) | (pred >= k), k, pred)  # every out-of-range prediction -> the extra column
     return np.bincount(gt * (k + 1) + pred, minlength=k * (k + 1)).reshape(k, k + 1)

@@ -1,0 +1,324 @@
+"""Frozen CLIP on open_clip: a visual wrapper that taps intermediate blocks and projects every patch token,
+and a text wrapper that inserts learnable context vectors before each tokenised class name.
+
+Both wrap an open_clip model's own modules (we call its blocks, norms and projections; nothing is
+re-implemented) and keep them frozen: ``requires_grad=False``, always in eval mode, and the image tower
+runs without autograd.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import build_model_from_openai_state_dict
+from open_clip.transformer import VisionTransformer
+from torch import Tensor, nn
+
+from .config import ClipConfig
+from .errors import WeakclipError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """OpenAI's released .pt files are TorchScript archives (a zip holding ``constants.pkl``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") for name in zf.namelist())
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeakclipError(f"{path}: cannot read CLIP weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise WeakclipError(f"{path}: not a state dict of CLIP weights")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def check_shapes(expected: dict[str, Tensor], found: dict[str, Tensor], source: str, what: str) -> None:
+    """Raise one clear line for the first key whose shape differs between a model and a file."""
+    for key, tensor in found.items():
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            raise WeakclipError(
+                f"{source}: '{key}' has shape {tuple(tensor.shape)} in the file but {what} expects "
+                f"{tuple(expected[key].shape)}"
+            )
+
+
+def _create(cfg: ClipConfig) -> nn.Module:
+    if cfg.arch is not None:
+        try:
+            return open_clip.CLIP(**cfg.arch)
+        except TypeError as exc:
+            raise WeakclipError(f"model.clip.arch: not a valid open_clip.CLIP architecture ({exc})") from None
+    if cfg.model not in open_clip.list_models():
+        raise WeakclipError(f"model.clip.model: unknown open_clip model '{cfg.model}' (see open_clip.list_models())")
+    return open_clip.create_model(cfg.model, pretrained=None)
+
+
+def load_clip(cfg: ClipConfig) -> nn.Module:
+    """Build the open_clip model named by ``cfg`` and load its weights; returns an fp32 model in eval mode.
+
+    ``cfg.pretrained`` may be null (random init), a local file (an OpenAI TorchScript archive, or an
+    open_clip / OpenAI state dict as .pt/.pth/.bin/.safetensors), or an open_clip pretrained tag, which
+    open_clip downloads on a machine with network access.
+    """
+    pretrained = cfg.pretrained
+    if pretrained is None:
+        model = _create(cfg)
+    elif os.path.exists(pretrained) or pretrained.endswith(_WEIGHT_SUFFIXES) or os.sep in pretrained:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise WeakclipError(f"{path}: CLIP weights file not found")
+        if _is_torchscript_archive(path):
+            try:
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            except Exception as exc:
+                raise WeakclipError(f"{path}: cannot read TorchScript CLIP archive ({exc})") from None
+            # Scalars OpenAI's archives carry, and the causal mask a scripted open_clip model keeps.
+            for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+                sd.pop(key, None)
+            # open_clip infers the architecture but rounds weights to fp16; reload them at full precision.
+            model = build_model_from_openai_state_dict(dict(sd), cast_dtype=None).float()
+            model.load_state_dict({k: v.float() for k, v in sd.items()})
+        else:
+            sd = _read_state_dict(path)
+            model = _create(cfg)
+            expected = model.state_dict()
+            check_shapes(expected, sd, str(path), f"CLIP model '{cfg.model}'")
+            missing = sorted(set(expected) - set(sd))
+            if missing:
+                raise WeakclipError(
+                    f"{path}: {len(missing)} weights of '{cfg.model}' are missing from the file (first: '{missing[0]}')"
+                )
+            model.load_state_dict({k: v for k, v in sd.items() if k in expected})
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(cfg.model)
+        if pretrained not in tags:
+            raise WeakclipError(
+                f"model.clip.pretrained: '{pretrained}' is neither a file nor a pretrained tag of "
+                f"{cfg.model} (tags: {', '.join(tags) or 'none'})"
+            )
+        try:
+            model = open_clip.create_model(cfg.model, pretrained=pretrained)
+        except Exception as exc:
+            raise WeakclipError(
+                f"cannot fetch CLIP weights '{cfg.model}/{pretrained}' ({type(exc).__name__}); without network "
+                f"access, download them elsewhere and pass a local file: --set model.clip.pretrained=/path/to/"
+                f"ViT-B-16.pt (OpenAI archive) or open_clip_pytorch_model.bin / .safetensors"
+            ) from None
+    model = model.float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ visual
+
+
+@dataclass
+class VisualFeatures:
+    """Outputs of :class:`ClipVisual` for a (B, 3, H, W) input, with h = ceil(H / p), w = ceil(W / p).
+
+    taps: 4 maps (B, C_vit, h, w) from the tapped blocks, before ``ln_post``;
+    dense: (B, D, h, w) ``ln_post`` + projection applied to every patch token;
+    global_embedding: (B, D) the class token's embedding, as CLIP's ``encode_image``.
+    """
+
+    taps: list[Tensor]
+    dense: Tensor
+    global_embedding: Tensor
+
+
+def default_taps(depth: int) -> list[int]:
+    """Blocks tapped for a ViT of ``depth`` blocks (1-based): 4, 6, 8, 12 for 12; 8, 12, 16, 24 for 24."""
+    return [max(1, round(depth * f)) for f in (1 / 3, 1 / 2, 2 / 3)] + [depth]
+
+
+class ClipVisual(nn.Module):
+    """Frozen open_clip ViT that returns tapped block outputs and dense projected embeddings.
+
+    Any input whose sides are multiples of the patch size works: the positional embedding is interpolated
+    (bilinear, from CLIP's own grid) at every forward. Other sizes are zero-padded on the right and bottom
+    inside, so outputs cover ceil(H / p) x ceil(W / p) cells.
+    """
+
+    def __init__(self, visual: nn.Module, taps: list[int] | None = None, class_token_twice: bool = False):
+        super().__init__()
+        if not isinstance(visual, VisionTransformer):
+            raise WeakclipError(f"weakclip needs a CLIP ViT image tower; got {type(visual).__name__}")
+        if visual.attn_pool is not None or visual.pool_type != "tok" or getattr(visual, "final_ln_after_pool", False):
+            raise WeakclipError("weakclip needs a CLIP ViT that pools its class token (no attentional/avg pooling)")
+        self.visual = visual
+        depth = len(visual.transformer.resblocks)
+        self.taps = list(taps) if taps else default_taps(depth)
+        if len(self.taps) != 4 or not all(1 <= t <= depth for t in self.taps) or sorted(self.taps) != self.taps:
+            raise WeakclipError(f"model.clip.taps: need 4 increasing block indices in 1..{depth}, got {self.taps}")
+        self.class_token_twice = class_token_twice
+        self.patch_size = int(visual.conv1.kernel_size[0])
+        self.width = int(visual.conv1.out_channels)
+        self.embed_dim = int(visual.proj.shape[1])
+        self.grid = tuple(int(g) for g in visual.grid_size)
+
+    def train(self, mode: bool = True) -> ClipVisual:
+        # Frozen: dropout and patch dropout stay off whatever the rest of the model does.
+        return super().train(False)
+
+    def _pos_embed(self, gh: int, gw: int, dtype: torch.dtype) -> Tensor:
+        pos = self.visual.positional_embedding.to(dtype)
+        if (gh, gw) == self.grid:
+            return pos
+        cls, grid = pos[:1], pos[1:]
+        grid = grid.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
+        return torch.cat([cls, grid.flatten(2)[0].transpose(0, 1)], dim=0)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> VisualFeatures:
+        """images: (B, 3, H, W) normalised. Returns :class:`VisualFeatures` on the ceil(H/p) x ceil(W/p) grid."""
+        v = self.visual
+        p = self.patch_size
+        pad_h, pad_w = (-images.shape[2]) % p, (-images.shape[3]) % p
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        x = v.conv1(images)  # (B, C, gh, gw)
+        b, c, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype)
+        if self.class_token_twice:
+            cls = 2 * cls
+        x = torch.cat([cls.expand(b, 1, c), x], dim=1) + self._pos_embed(gh, gw, x.dtype)
+        x = v.ln_pre(x)
+        batch_first = getattr(v.transformer, "batch_first", True)
+        taps: list[Tensor] = []
+        for i, block in enumerate(v.transformer.resblocks, start=1):
+            if batch_first:
+                x = block(x)
+            else:
+                x = block(x.transpose(0, 1)).transpose(0, 1)
+            if i in self.taps:
+                taps.append(x[:, 1:].transpose(1, 2).reshape(b, c, gh, gw))
+        x = v.ln_post(x) @ v.proj  # every token, not just the class token
+        dense = x[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw)
+        return VisualFeatures(taps=taps, dense=dense, global_embedding=x[:, 0])
+
+
+# -------------------------------------------------------------------------------------------------- text
+
+
+class PromptTextEncoder(nn.Module):
+    """Frozen CLIP text tower fed with [SOT] + N learnable context vectors + the class-name tokens.
+
+    With ``learnable`` false it encodes ``template.format(name)`` instead (the paper's fixed-prompt
+    ablation). Features are pooled at the end-of-text token and projected: (K, D).
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        class_names: list[str],
+        n_ctx: int = 8,
+        name_length: int = 5,
+        learnable: bool = True,
+        template: str = "a photo of a {}.",
+        ctx_init_std: float = 1.0,
+    ):
+        super().__init__()
+        src = clip_model.text if hasattr(clip_model, "text") else clip_model
+        self.token_embedding = src.token_embedding
+        self.transformer = src.transformer
+        self.ln_final = src.ln_final
+        self.text_projection = src.text_projection
+        self.register_buffer("positional_embedding", src.positional_embedding.detach(), persistent=False)
+        for module in (self.token_embedding, self.transformer, self.ln_final):
+            module.requires_grad_(False)
+        if isinstance(self.text_projection, nn.Parameter):
+            self.text_projection.requires_grad_(False)
+        elif self.text_projection is not None:
+            self.text_projection.requires_grad_(False)
+
+        tokenizer = open_clip.tokenizer.SimpleTokenizer()
+        n_ctx = n_ctx if learnable else 0
+        texts = class_names if learnable else [template.format(name) for name in class_names]
+        encoded = [tokenizer.encode(t) for t in texts]
+        if learnable:
+            for name, ids in zip(class_names, encoded):
+                if len(ids) > name_length - 2:
+                    raise WeakclipError(
+                        f"class name '{name}' is {len(ids)} BPE tokens but the text context holds "
+                        f"{name_length - 2} (raise model.name_length or shorten the name)"
+                    )
+            length = name_length
+        else:
+            length = max(len(ids) for ids in encoded) + 2
+        max_len = self.positional_embedding.shape[0]
+        if n_ctx + length > max_len:
+            raise WeakclipError(
+                f"{n_ctx} context vectors + {length} name tokens exceed CLIP's text context of {max_len}"
+            )
+        tokens = torch.zeros(len(texts), length, dtype=torch.long)
+        for k, ids in enumerate(encoded):
+            seq = [tokenizer.sot_token_id, *ids, tokenizer.eot_token_id]
+            tokens[k, : len(seq)] = torch.tensor(seq)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("eot_index", torch.tensor([len(ids) + 1 + n_ctx for ids in encoded]), persistent=False)
+        self.n_ctx = n_ctx
+        width = self.token_embedding.weight.shape[1]
+        if n_ctx:
+            ctx = torch.empty(n_ctx, width)
+            nn.init.trunc_normal_(ctx, std=ctx_init_std, a=-2 * ctx_init_std, b=2 * ctx_init_std)
+            self.ctx = nn.Parameter(ctx)
+        else:
+            self.ctx = None
+        total = n_ctx + length
+        mask = torch.full((total, total), float("-inf")).triu_(1)
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def train(self, mode: bool = True) -> PromptTextEncoder:
+        return super().train(False)
+
+    def forward(self) -> Tensor:
+        """Returns the projected class embeddings (K, D). Gradients reach ``ctx`` through the frozen tower."""
+        x = self.token_embedding(self.tokens)  # (K, L, width)
+        if self.ctx is not None:
+            ctx = self.ctx.to(x.dtype).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], ctx, x[:, 1:]], dim=1)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), self.eot_index]
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection
+
+
+def input_stats(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std (RGB, 0..1 scale) for ``normalize`` = "clip" or "imagenet"."""
+    if normalize == "clip":
+        return CLIP_MEAN, CLIP_STD
+    if normalize == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise WeakclipError(f"model.clip.normalize: expected 'clip' or 'imagenet', got '{normalize}'")

@@ -1,0 +1,154 @@
+"""WeakCLIP training losses: balanced seeding loss, dense-CRF boundary loss (KL) and the auxiliary CE.
+
+Follows the released code (``FPNHeadDGCN.forward_train``, ``dgcnutils``): seeding and boundary losses on the
+decoder output resized to ``cfg.size`` (64) squared, the auxiliary cross-entropy on score map / tau at the seed
+resolution. One released bug is fixed: the auxiliary CE averages over the non-ignored pixels only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import LossConfig
+from .crf import crf_refine
+from .errors import WeakclipError
+
+# Floors from the released code: the softmax gets +1e-7 before renormalising; the CRF input and output are
+# clipped to 1e-4; seed counts to 1e-4 (so an image without seeds of a kind contributes 0).
+PROB_EPS = 1e-7
+CRF_CLIP = 1e-4
+COUNT_FLOOR = 1e-4
+RATIO_MIN, RATIO_MAX = 0.05, 20.0
+
+
+def seeding_loss(probs: torch.Tensor, seeds: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Balanced seeding loss: background and pooled foreground cross-entropies, each averaged per image.
+
+    Args:
+        probs: (B, K, h, w) probabilities (softmax + 1e-7, renormalised).
+        seeds: (B, h, w) long class indices; ``ignore_index`` (and any value outside 0..K-1) gives no cue.
+
+    Returns:
+        Scalar ``mean_b(bg_b) + mean_b(fg_b)`` with ``bg_b = -sum(log P_0 over background seeds) /
+        max(#background seeds, 1e-4)`` and ``fg_b`` the same over all foreground seeds, pooled.
+    """
+    k = probs.shape[1]
+    has_cue = (seeds != ignore_index) & (seeds >= 0) & (seeds < k)
+    index = torch.where(has_cue, seeds, 0)[:, None]
+    # log of the seed's probability; pixels without a cue read log(1) = 0 (no 0 * log 0 on padding).
+    log_p = torch.where(has_cue, probs.gather(1, index)[:, 0], 1.0).log()
+    bg = has_cue & (seeds == 0)
+    fg = has_cue & (seeds > 0)
+
+    def term(mask: torch.Tensor) -> torch.Tensor:
+        total = -(log_p * mask).sum(dim=(1, 2))
+        return (total / mask.sum(dim=(1, 2)).to(log_p.dtype).clamp_min(COUNT_FLOOR)).mean()
+
+    return term(bg) + term(fg)
+
+
+def boundary_loss(probs: torch.Tensor, crf_probs: torch.Tensor) -> torch.Tensor:
+    """Constrain-to-boundary loss: KL(Q || P) with a clipped ratio, Q the dense-CRF target.
+
+    Args:
+        probs: (B, K, h, w) probabilities P (gradient flows into them).
+        crf_probs: (B, K, h, w) CRF marginals Q; detached, clipped to >= 1e-4 and renormalised.
+
+    Returns:
+        Scalar mean over (b, h, w) of ``sum_c Q_c log(clamp(Q_c / P_c, 0.05, 20))``; the clamp passes zero
+        gradient outside [0.05, 20], as the released hand-written clip did.
+    """
+    q = crf_probs.detach().to(probs.dtype).clamp_min(CRF_CLIP)
+    q = q / q.sum(dim=1, keepdim=True)
+    return (q * (q / probs).clamp(RATIO_MIN, RATIO_MAX).log()).sum(dim=1).mean()
+
+
+def aux_ce_loss(
+    score_map: torch.Tensor, seeds: torch.Tensor, tau: float = 0.07, ignore_index: int = 255
+) -> torch.Tensor:
+    """Cross-entropy of the text-pixel score map (DenseCLIP's identity head) against the seeds.
+
+    Args:
+        score_map: (B, K, h, w) cosine scores; logits are score_map / tau, bilinearly upsampled
+            (align_corners=False) to the seeds' size.
+        seeds: (B, H, W) long class indices, ``ignore_index`` for no label.
+
+    Returns:
+        Scalar mean over the non-ignored pixels (the released code divided by all pixels); 0, with the graph
+        intact, when every pixel is ignored.
+    """
+    logits = F.interpolate(score_map / tau, size=seeds.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(logits, seeds, ignore_index=ignore_index, reduction="sum")
+    return total / (seeds != ignore_index).sum().clamp_min(1)
+
+
+def resize_seeds(seeds: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, H, W) long -> (B, size, size) long by nearest neighbour (PyTorch "nearest": index floor(i * H / size))."""
+    small = F.interpolate(seeds[:, None].float(), size=(size, size), mode="nearest")
+    return small[:, 0].long()
+
+
+def downsample_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) uint8 (or float 0..255) -> (B, 3, size, size) uint8, the colours for the boundary CRF.
+
+    Bilinear with align_corners=False, so each output pixel sits where the loss resizes the logits to, and no
+    antialiasing, like the released ``scipy.ndimage.zoom(order=1)`` (which is corner-aligned instead).
+    """
+    small = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=False)
+    return small.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def weakclip_losses(
+    logits: torch.Tensor,
+    score_map: torch.Tensor,
+    seeds: torch.Tensor,
+    images: torch.Tensor,
+    cfg: LossConfig,
+    image_labels: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """All WeakCLIP training losses for one batch, in float32 whatever the input dtype.
+
+    Args:
+        logits: (B, K, H/4, W/4) decoder output.
+        score_map: (B, K, H/16, W/16) text-pixel cosine scores.
+        seeds: (B, H, W) long seed labels, 255 for ignore and padding.
+        images: (B, 3, H, W) uint8 RGB crops, un-normalised (padding 0).
+        cfg: loss weights, tau, loss resolution and boundary-CRF settings.
+        image_labels: optional (B, K) bool image-level labels; needed when ``cfg.crf_image_classes_only``,
+            which restricts the boundary CRF to background (always kept) + these classes.
+
+    Returns:
+        ``{"seed", "boundary", "aux", "total"}`` scalars, ``total`` = weighted sum.
+    """
+    b, k = logits.shape[:2]
+    if seeds.shape != (b, *images.shape[-2:]) or images.shape[:2] != (b, 3):
+        raise WeakclipError(f"losses: seeds {tuple(seeds.shape)} and images {tuple(images.shape)} do not "
+                            f"match logits {tuple(logits.shape)} as (B, H, W) and (B, 3, H, W)")
+    size = cfg.size
+    logits = F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
+    probs = logits.softmax(dim=1) + PROB_EPS
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    small_seeds = resize_seeds(seeds, size)
+
+    label_mask = None
+    if cfg.crf_image_classes_only:
+        if image_labels is None:
+            raise WeakclipError("loss.crf_image_classes_only is true but no image-level labels were given")
+        if tuple(image_labels.shape) != (b, k):
+            raise WeakclipError(f"losses: image_labels must be {(b, k)}, got {tuple(image_labels.shape)}")
+        label_mask = image_labels.to(device=probs.device, dtype=torch.bool).clone()
+        label_mask[:, 0] = True
+    with torch.no_grad():
+        target = crf_refine(probs.detach().clamp_min(CRF_CLIP), downsample_images(images, size), cfg.crf,
+                            cfg.crf_backend, label_mask)
+
+    losses = {
+        "seed": seeding_loss(probs, small_seeds),
+        "boundary": boundary_loss(probs, target),
+        "aux": aux_ce_loss(score_map.float(), seeds, cfg.tau),
+    }
+    losses["total"] = (cfg.seed_weight * losses["seed"] + cfg.boundary_weight * losses["boundary"]
+                       + cfg.aux_weight * losses["aux"])
+    return losses

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Tests never fetch weights: the hub fails at once instead of retrying for most of a minute.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 VOC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc-sample"
 
 

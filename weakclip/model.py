@@ -186,7 +186,6 @@ class WeakCLIP(nn.Module):
     ``logits`` (B, K, ceil(H/4), ceil(W/4)) and ``score_map`` (B, K, H/16, W/16) (cosine).
     """
 
-    clip_prefixes = ("visual.", "text.")  # frozen CLIP weights: never saved in weakclip checkpoints
 
     def __init__(self, cfg: ModelConfig, class_names: list[str], clip_model: nn.Module | None = None):
         super().__init__()
@@ -274,7 +273,8 @@ class WeakCLIP(nn.Module):
 
     def weakclip_state_dict(self) -> dict[str, Tensor]:
         """Everything but the frozen CLIP weights (those come from the CLIP checkpoint): params and BN stats."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.clip_prefixes)}
+        frozen = ("visual.", "text.")  # CLIP's own weights; the prompts (text.ctx) are ours
+        return {k: v for k, v in self.state_dict().items() if k == "text.ctx" or not k.startswith(frozen)}
 
     def load_weakclip_state_dict(self, state: dict[str, Tensor], source: str) -> None:
         """Load :meth:`weakclip_state_dict` output; a key whose shape differs is one clear error line."""

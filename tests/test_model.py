@@ -1,0 +1,151 @@
+"""The WeakCLIP network: shapes, what trains, ablation switches, co-attention chaining, checkpoint state."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from weakclip.config import VOC_CLASSES, ModelConfig
+from weakclip.errors import WeakclipError
+from weakclip.model import WeakCLIP, build_model
+
+
+@pytest.fixture
+def model_cfg(tiny_clip_cfg):
+    return ModelConfig(clip=tiny_clip_cfg)
+
+
+def _build(cfg, **changes):
+    torch.manual_seed(0)
+    return build_model(dataclasses.replace(cfg, **changes), list(VOC_CLASSES))
+
+
+def test_shapes_at_320x480(model_cfg):
+    model = _build(model_cfg)
+    out = model(torch.randint(0, 256, (2, 3, 320, 480), dtype=torch.uint8))
+    assert out["logits"].shape == (2, 21, 80, 120)
+    assert out["score_map"].shape == (2, 21, 20, 30)
+    assert out["score_map"].abs().max() <= 1.0 + 1e-5  # cosine
+
+
+def test_odd_input_sizes_give_quarter_resolution_logits(model_cfg):
+    model = _build(model_cfg).eval()
+    out = model(torch.randint(0, 256, (1, 3, 200, 250), dtype=torch.uint8))
+    assert out["logits"].shape == (1, 21, 50, 63)
+    assert out["score_map"].shape == (1, 21, 13, 16)
+
+
+def test_only_trainable_parameters_get_gradients(model_cfg):
+    model = _build(model_cfg)
+    out = model(torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8))
+    (out["logits"].logsumexp(1).mean() + out["score_map"].square().mean()).backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("visual.", "text.")) and name != "text.ctx":
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None, name
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert id(model.text.ctx) in trainable and id(model.co_attention.alpha) in trainable
+
+
+def test_released_frozen_adapter_switch(model_cfg):
+    model = _build(model_cfg, train_adapter=False)
+    assert not any(p.requires_grad for p in model.adapter.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_alpha_beta_initial_value_and_shape(model_cfg):
+    model = _build(model_cfg, alpha_init=0.01, beta_init=0.001)
+    assert torch.equal(model.co_attention.alpha, torch.full((64,), 0.01))
+    assert torch.equal(model.co_attention.beta, torch.full((64,), 0.001))
+
+
+def test_co_attention_layers_are_chained(model_cfg):
+    model = _build(model_cfg, coattn_layers=2).eval()
+    ca = model.co_attention
+    text, visual = torch.randn(1, 21, 64), torch.randn(1, 10, 64)
+    v, t = ca.visual_proj(visual), ca.text_proj(text)
+    expected_text = text + ca.alpha * ca.text_out(ca.text_layers[1](ca.text_layers[0](t, v), v))
+    expected_vis = visual + ca.beta * ca.visual_out(ca.visual_layers[1](ca.visual_layers[0](v, t), t))
+    got_text, got_vis = ca(text, visual)
+    torch.testing.assert_close(got_text, expected_text)
+    torch.testing.assert_close(got_vis, expected_vis)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"co_attention": False},
+        {"learnable_prompts": False},
+        {"pyramid_adapter": False},
+        {"text_guided_decoder": False},
+        {"n_ctx": 2},
+        {"class_token_twice": None},
+    ],
+)
+def test_ablation_switches_build_and_run(model_cfg, changes):
+    if "class_token_twice" in changes:
+        model_cfg = dataclasses.replace(model_cfg, clip=dataclasses.replace(model_cfg.clip, class_token_twice=True,
+                                                                            normalize="imagenet"))
+        changes = {}
+    model = _build(model_cfg, **changes)
+    out = model(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
+    assert out["logits"].shape == (1, 21, 16, 16)
+    if changes.get("co_attention") is False:
+        assert model.co_attention is None
+    if changes.get("learnable_prompts") is False:
+        assert model.text.ctx is None
+    if changes.get("text_guided_decoder") is False:
+        assert [conv.in_channels for conv in model.neck.lateral] == [128, 128, 128 + 21, 128]
+    if "n_ctx" in changes:
+        assert model.text.ctx.shape == (2, 128)
+
+
+def test_without_co_attention_score_map_is_plain_cosine(model_cfg):
+    model = _build(model_cfg, co_attention=False).eval()
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    feats = model.visual((images.float() - model.mean) / model.std)
+    text = model.text()
+    expected = torch.nn.functional.cosine_similarity(
+        text[None, :, :, None, None], feats.dense[:, None], dim=2
+    )
+    torch.testing.assert_close(model(images)["score_map"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weakclip_state_excludes_clip_and_round_trips(model_cfg):
+    model = _build(model_cfg)
+    state = model.weakclip_state_dict()
+    assert not any(k.startswith(("visual.", "text.token_embedding", "text.transformer")) for k in state)
+    assert "text.ctx" in state and "co_attention.alpha" in state and "adapter.level1.2.running_mean" in state
+    other = _build(model_cfg)
+    other.load_weakclip_state_dict({k: v.clone() for k, v in state.items()}, "ckpt.safetensors")
+    for key, value in other.weakclip_state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_checkpoint_with_wrong_shape_names_key_and_both_shapes(model_cfg):
+    model = _build(model_cfg)
+    state = model.weakclip_state_dict()
+    state["head.classifier.weight"] = torch.zeros(81, 256, 1, 1)
+    with pytest.raises(WeakclipError, match=r"ckpt.safetensors: 'head.classifier.weight' has shape "
+                                            r"\(81, 256, 1, 1\) in the file but .* expects \(21, 256, 1, 1\)"):
+        model.load_weakclip_state_dict(state, "ckpt.safetensors")
+
+
+def test_voc_vit_b16_parameter_counts_match_the_released_architecture():
+    """Analytic counts from the released code's module definitions (reference notes, section 1.9)."""
+    from weakclip.config import ClipConfig
+
+    model = build_model(ModelConfig(clip=ClipConfig(pretrained=None)), list(VOC_CLASSES))
+    counts = model.param_counts()
+    assert counts["adapter"] == 7_087_872
+    assert counts["co_attention"] == 2_633_216
+    assert counts["neck"] == 3_169_280
+    assert counts["head"] == 4_137_749
+    assert counts["prompts"] + counts["alpha_beta"] == 5_120
+    assert counts["clip_visual"] == 86_192_640
+    assert counts["trainable"] == 7_087_872 + 2_633_216 + 3_169_280 + 4_137_749 + 5_120
+    assert 0.09 < counts["trainable"] / counts["total"] < 0.11
+    assert isinstance(model, WeakCLIP)

@@ -119,7 +119,8 @@ def test_folder_layout_with_csv_labels(tmp_path: Path) -> None:
         Image.fromarray(np.full((8, 10, 3), 90, np.uint8)).save(tmp_path / "images" / f"{stem}.png")
         write_mask(tmp_path / "seeds" / f"{stem}.png", np.full((8, 10), value, np.uint8))
     (tmp_path / "labels.csv").write_text("id,labels\nx,cat\ny,1;dog\n")
-    cfg = DataConfig(kind="folder", root=str(tmp_path), split="train", class_names=["background", "cat", "dog"])
+    cfg = DataConfig(kind="folder", root=str(tmp_path), split="train",
+                     class_names=["background", "cat", "dog"])
     samples = list_samples(cfg)
     assert [(s.id, s.labels) for s in samples] == [("x", (1,)), ("y", (1, 2))]
     assert samples[0].image == tmp_path / "images" / "x.png"

@@ -113,7 +113,8 @@ def prepare_coco(instances_json: str | os.PathLike, images_dir: str | os.PathLik
             for ann in sorted((a for a in anns if not a.get("iscrowd")), key=lambda a: -float(a["area"])):
                 mask[coco.annToMask(ann) > 0] = index[ann["category_id"]]
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise WeakclipError(f"{path}: cannot rasterise the annotations of {im['file_name']} ({exc})") from None
+            raise WeakclipError(
+                f"{path}: cannot rasterise the annotations of {im['file_name']} ({exc})") from None
         write_mask(target, mask)
         return True
 

@@ -294,20 +294,19 @@ def list_samples(
                            for labels in label_lists]
         label_source = str(labels_path)
     else:
-        source = seed_paths if (need_seeds or seeds_dir.is_dir()) else gt_paths if need_gt else None
+        from_seeds = need_seeds or seeds_dir.is_dir()
+        source = seed_paths if from_seeds else gt_paths if need_gt else None
         if source is None:
             label_lists = [[] for _ in ids]
         else:
-            seed_values = _mask_values(source, desc="reading labels from masks")
-            label_coco = maps_coco and detect_coco_ids(seed_values)
-            lut = COCO_ID_TO_CONTIGUOUS if label_coco else np.arange(256)
-            label_lists = [sorted({int(lut[v]) for v in vals} - {0, 255, cfg.ignore_index})
-                           for vals in seed_values]
-            if source is gt_paths:
-                seed_values = None  # those were gt values
+            values = _mask_values(source, desc="reading labels from masks")
+            lut = COCO_ID_TO_CONTIGUOUS if maps_coco and detect_coco_ids(values) else np.arange(256)
+            drop = {0, 255, cfg.ignore_index}
+            label_lists = [sorted({int(lut[v]) for v in vals} - drop) for vals in values]
+            seed_values = values if from_seeds else None
             label_source = str(source[0].parent)
 
-    for i, labels in zip(ids, label_lists):
+    for i, labels in zip(ids, label_lists, strict=True):
         bad = [v for v in labels if not 1 <= v < k]
         if bad:
             raise WeakclipError(f"{label_source}: {i}: class {bad[0]} outside 1..{k - 1}")
@@ -324,7 +323,7 @@ def list_samples(
     return [
         Sample(id=i, image=img, seed=s if need_seeds else None, gt=g if need_gt else None,
                labels=tuple(labels), seed_coco_ids=seed_coco, gt_coco_ids=gt_coco)
-        for i, img, s, g, labels in zip(ids, images, seed_paths, gt_paths, label_lists)
+        for i, img, s, g, labels in zip(ids, images, seed_paths, gt_paths, label_lists, strict=True)
     ]
 
 
@@ -401,8 +400,9 @@ class SegDataset(torch.utils.data.Dataset):
     "gt" (H, W) int64 when ``with_gt``. ``transform(image, label, rng)`` gets the seed, or the seed and gt
     stacked as (H, W, 2) so both get the same geometry.
 
-    Call :meth:`set_epoch` before creating each epoch's DataLoader iterator (workers receive a copy of the
-    dataset when the iterator starts, so do not use ``persistent_workers`` with it).
+    ``seed`` is the base seed of the augmentation (the training seed). Call :meth:`set_epoch` before
+    creating each epoch's DataLoader iterator (workers receive a copy of the dataset when the iterator
+    starts, so do not use ``persistent_workers`` with it).
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Transform | None, num_classes: int,

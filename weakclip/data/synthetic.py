@@ -162,7 +162,8 @@ def make_synthetic_dataset(root: str | os.PathLike, num_images: int = 48, size: 
         gt[_boundary_band(gt)] = 255
         sid = f"syn_{i:04d}"
         with atomic_path(root / "JPEGImages" / f"{sid}.jpg") as tmp:
-            Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8)).save(tmp, format="JPEG", quality=90)
+            rgb = np.clip(image + 0.5, 0, 255).astype(np.uint8)
+            Image.fromarray(rgb).save(tmp, format="JPEG", quality=90)
         write_mask(root / "SegmentationClass" / f"{sid}.png", gt)
         write_mask(root / "Seeds" / f"{sid}.png", seed_map)
         ids.append(sid)

@@ -143,7 +143,8 @@ class TrainTransform:
         if ph == 0 and pw == 0:
             return image, label
         image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
-        label = np.pad(label, ((0, ph), (0, pw)) + ((0, 0),) * (label.ndim - 2), constant_values=self.ignore_index)
+        widths = ((0, ph), (0, pw)) + ((0, 0),) * (label.ndim - 2)
+        label = np.pad(label, widths, constant_values=self.ignore_index)
         return image, label
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator

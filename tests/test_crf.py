@@ -227,3 +227,17 @@ def test_bad_inputs_raise_one_line_errors():
                    label_mask=torch.tensor([[True] * 4, [False] * 4, [True] * 4]))
     with pytest.raises(WeakclipError, match="uint8"):
         dense_crf_pydensecrf(probs[0].numpy(), images[0].permute(1, 2, 0).float().numpy(), BOUNDARY_PARAMS)
+
+
+@pytest.mark.parametrize("backend", ["torch", "pydensecrf"])
+def test_identity_kernel_keeps_self_term(backend):
+    """Near-zero kernel widths make K~ = I: Q <- softmax(-U + (w_g + w_b) Q), the self term included."""
+    probs, images = _random_batch(b=1, h=6, w=5)
+    params = CRFConfig(gauss_sxy=0.01, gauss_compat=3, bilateral_sxy=0.01, bilateral_srgb=0.01,
+                       bilateral_compat=2, iters=4)
+    neg_unary = probs.double().clamp_min(1e-5).log()
+    q = neg_unary.softmax(1)
+    for _ in range(4):
+        q = (neg_unary + 5 * q).softmax(1)
+    got = crf_refine(probs, images, params, backend=backend)
+    torch.testing.assert_close(got.double(), q, atol=2e-6, rtol=0)

@@ -12,6 +12,9 @@ Q0 = softmax(-U), then per iteration ``logits = -U + sum_m w_m * K~_m Q`` and ``
 units: Gaussian ``exp(-|p_i-p_j|^2 / 2 sxy^2)``, bilateral ``exp(-|p_i-p_j|^2 / 2 sxy^2 - |I_i-I_j|^2 /
 2 srgb^2)``. Each kernel is normalised as the library's default NORMALIZE_SYMMETRIC:
 ``K~ = diag(n) K diag(n)`` with ``n_i = 1 / sqrt(sum_j k(i, j))``, the self term j = i included.
+(Checked against the library: with a near-zero kernel width, where K~ = I, its result is softmax(-U + w Q).)
+In the torch backend the Gaussian kernel is applied exactly but separably (K = K_y (x) K_x on the pixel
+grid); the bilateral kernel is an explicit N x N matrix per image.
 """
 
 from __future__ import annotations

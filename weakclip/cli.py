@@ -1,0 +1,219 @@
+"""The ``weakclip`` command. Every subcommand is a thin layer over the library functions it names.
+
+Bad input ends with one line ``weakclip: error: <file or key>: <problem>`` and exit status 2; an
+interrupted long command says how to resume it (exit status 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import WeakclipError
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="shipped config name (see `weakclip configs`) or a .yaml file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.iters=100 --set data.root=/data/VOC2012")
+
+
+def _config(args):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_configs(args) -> None:
+    from .config import list_configs
+
+    print("\n".join(list_configs()))
+
+
+def cmd_info(args) -> None:
+    from .model import build_model
+
+    cfg = _config(args)
+    model = build_model(cfg.model, cfg.data.class_names)
+    print(json.dumps({"config": cfg.name, "clip": cfg.model.clip.model, "num_classes": cfg.num_classes,
+                      "parameters": model.param_counts()}, indent=2))
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    final = train(_config(args), args.output, resume=args.resume)
+    print(f"weights: {final}")
+
+
+def _split_samples(cfg, split: str, need_gt: bool = False):
+    from .data.datasets import list_samples
+
+    return list_samples(cfg.data, split, need_seeds=False, need_gt=need_gt)
+
+
+def cmd_pseudo_masks(args) -> None:
+    from .infer import inference_device, inference_fingerprint, load_refiner, refiner_predictor, write_label_maps
+
+    cfg = _config(args)
+    split = args.split or cfg.data.split
+    samples = _split_samples(cfg, split)
+    device = inference_device()
+    predict = refiner_predictor(load_refiner(cfg, args.checkpoint), device)
+    summary = write_label_maps(
+        predict, samples, args.output, cfg.infer, device, inference_fingerprint(cfg, args.checkpoint, split),
+        use_labels=cfg.infer.label_filter, crf_params=cfg.infer.crf_params if cfg.infer.crf else None,
+        save_probs=args.save_probs, ignore_index=cfg.data.ignore_index, desc="pseudo-masks",
+    )
+    print(f"pseudo masks: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)")
+
+
+def cmd_evaluate(args) -> None:
+    from .fileio import write_text_atomic
+    from .metrics import evaluate_dirs, save_plots
+
+    cfg = _config(args)
+    ids = None
+    if args.list:
+        ids = [line.split()[0] for line in Path(args.list).read_text().splitlines() if line.strip()]
+    result = evaluate_dirs(args.pred, args.gt, cfg.data.class_names, ids=ids, ignore_index=cfg.data.ignore_index)
+    print(result.markdown())
+    if args.json:
+        write_text_atomic(args.json, json.dumps(result.to_json_dict(), indent=1) + "\n")
+    if args.plot:
+        for path in save_plots(result, cfg.data.class_names, args.plot):
+            print(f"plot: {path}")
+
+
+def cmd_visualize(args) -> None:
+    from .visualize import visualize_dirs
+
+    ids = None
+    if args.list:
+        ids = [line.split()[0] for line in Path(args.list).read_text().splitlines() if line.strip()]
+    paths = visualize_dirs(args.images, args.masks, args.output, ids=ids, num=args.num, seed=args.seed,
+                           titles=args.titles)
+    print(f"{len(paths)} grids in {args.output}")
+
+
+def cmd_prepare_coco(args) -> None:
+    from .data.coco import prepare_coco
+
+    summary = prepare_coco(args.instances, args.images, args.output, args.split)
+    print(json.dumps(summary, indent=1, default=str))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output, data=args.data, clip=args.clip, iters=args.iters, num_images=args.num_images)
+
+
+def cmd_retrain(args) -> None:
+    from .retrain import retrain
+
+    final = retrain(_config(args), args.masks, args.output, resume=args.resume)
+    print(f"weights: {final}")
+
+
+def cmd_predict(args) -> None:
+    from .retrain import predict
+
+    summary = predict(_config(args), args.checkpoint, args.split, args.output, fmt=args.format)
+    print(f"predictions: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weakclip", description="WeakCLIP: refine CAM seeds with frozen CLIP")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("configs", help="list the shipped configs")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("info", help="parameter counts of a config's model, as JSON")
+    _add_config(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train the WeakCLIP refiner on images + seeds (torchrun for DDP)")
+    _add_config(p)
+    p.add_argument("--output", required=True, help="run folder (checkpoints, logs, resolved config)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pseudo-masks", help="multi-scale + flip + CRF pseudo masks with the Eq. 14 label filter")
+    _add_config(p)
+    p.add_argument("--checkpoint", required=True, help="weights written by `weakclip train`")
+    p.add_argument("--output", required=True)
+    p.add_argument("--split", help="list name (default: data.split)")
+    p.add_argument("--save-probs", action="store_true", help="also keep float16 probabilities (reduced size)")
+    p.set_defaults(func=cmd_pseudo_masks)
+
+    p = sub.add_parser("evaluate", help="mIoU, per-class table, confusion matrix of label maps against ground truth")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--gt", required=True)
+    _add_config(p)
+    p.add_argument("--list", help="file of ids to score (default: every prediction)")
+    p.add_argument("--json", help="write the scores as JSON here")
+    p.add_argument("--plot", help="write a confusion-matrix plot and a per-class bar chart into this folder")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("visualize", help="side-by-side grids: image and label maps")
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True, nargs="+", help="one or more folders of label PNGs")
+    p.add_argument("--titles", nargs="+", help="one title per mask folder")
+    p.add_argument("--output", required=True)
+    p.add_argument("--list", help="file of ids (default: a random sample)")
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("prepare-coco", help="COCO instances JSON -> class-index PNGs, labels and a list")
+    p.add_argument("--instances", required=True, help="instances_train2014.json or instances_val2014.json")
+    p.add_argument("--images", help="the COCO image folder (linked into the output)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--split", required=True, help="list name to write, e.g. train or val")
+    p.set_defaults(func=cmd_prepare_coco)
+
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data (or --data), no downloads")
+    p.add_argument("--output", default="weakclip-demo")
+    p.add_argument("--data", help="a folder laid out like voc-sample (default: generate synthetic data)")
+    p.add_argument("--clip", help="pretrained CLIP tag or weights file (default: random weights)")
+    p.add_argument("--iters", type=int, help="training iterations (default: the config's)")
+    p.add_argument("--num-images", type=int, default=48, help="synthetic images to generate")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("retrain", help="train a fully supervised segmenter on pseudo masks")
+    _add_config(p)
+    p.add_argument("--masks", required=True, help="pseudo-mask folder from `weakclip pseudo-masks`")
+    p.add_argument("--output", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("predict", help="multi-scale + flip + CRF predictions of a retrained segmenter or a refiner")
+    _add_config(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", choices=["png", "voc-test"], default="png",
+                   help="voc-test: the VOC evaluation-server layout results/VOC2012/Segmentation/comp6_test_cls")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except WeakclipError as exc:
+        print(f"weakclip: error: {exc}", file=sys.stderr)
+        return 130 if str(exc).startswith("interrupted") else 2
+    except KeyboardInterrupt:
+        print("weakclip: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""``weakclip train``: the WeakCLIP refiner on images + CAM seeds, through the shared training engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Config, dump_config
+from .data.datasets import SegDataset, list_samples, preflight
+from .data.transforms import TrainTransform
+from .engine import DistInfo, LoopSpec, init_distributed, train_loop, warmup_cosine
+from .fileio import write_text_atomic
+from .losses import weakclip_losses
+from .model import WeakCLIP, build_model
+
+
+def loop_spec(cfg: Config) -> LoopSpec:
+    t = cfg.train
+    return LoopSpec(iters=t.iters, batch_size=t.batch_size, workers=t.workers, seed=t.seed, amp=t.amp,
+                    checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+                    log_every=t.log_every, val_every=t.val_every)
+
+
+def train_dataset(cfg: Config, progress: bool = True) -> SegDataset:
+    """The training split as an augmenting dataset, after a pre-flight check of every listed file."""
+    samples = list_samples(cfg.data, need_seeds=True)
+    preflight(samples, cfg.num_classes, cfg.data.ignore_index, progress=progress)
+    t = cfg.train
+    transform = TrainTransform(t.crop_size, t.base_size, t.scale_range, t.cat_max_ratio, cfg.data.ignore_index)
+    return SegDataset(samples, transform, cfg.num_classes, seed=t.seed, ignore_index=cfg.data.ignore_index)
+
+
+def checkpoint_metadata(cfg: Config) -> dict[str, str]:
+    """Strings stored in every weights file's header: the resolved config and the class names."""
+    return {"format": "weakclip", "config": dump_config(cfg), "class_names": json.dumps(cfg.data.class_names)}
+
+
+def refiner_loss(cfg: Config):
+    """``loss_fn(model, batch)`` for the engine: forward, then seeding + boundary + auxiliary losses."""
+
+    def loss_fn(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        out = model(batch["image"])
+        return weakclip_losses(out["logits"], out["score_map"], batch["seed"], batch["image"], cfg.loss,
+                               batch["labels"])
+
+    return loss_fn
+
+
+def build_optimizer(model: WeakCLIP, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only: frozen CLIP gets neither gradients nor optimizer state."""
+    return torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo | None = None,
+          clip_model: nn.Module | None = None) -> Path:
+    """Train the refiner described by ``cfg`` into ``output``; returns the final weights' path."""
+    info = info or init_distributed()
+    output = Path(output)
+    dataset = train_dataset(cfg, progress=info.is_main)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model, cfg.data.class_names, clip_model)
+    if info.is_main:
+        write_text_atomic(output / "config.yaml", dump_config(cfg))
+    validate = None
+    if cfg.data.val_split and cfg.train.val_every:
+        from .infer import validator
+
+        validate = validator(cfg, info)
+    return train_loop(model, dataset, refiner_loss(cfg), build_optimizer(model, cfg),
+                      warmup_cosine(cfg.train.lr, cfg.train.iters, cfg.train.warmup_iters, cfg.train.min_lr),
+                      loop_spec(cfg), output, info, resume=resume, metadata=checkpoint_metadata(cfg),
+                      validate=validate)

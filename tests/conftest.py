@@ -38,3 +38,41 @@ def tiny_clip_cfg():
     from weakclip.config import ClipConfig
 
     return ClipConfig(model="tiny", pretrained=None, arch=dict(TINY_ARCH))
+
+
+def write_tiny_config(path: Path, root: Path, **sections) -> Path:
+    """A config for CPU tests: the tiny CLIP, 64-pixel crops, few iterations, data at ``root``."""
+    import yaml
+
+    tree = {
+        "base": "voc-sample-cpu",
+        "model": {"clip": {"arch": TINY_ARCH}, "decoder_channels": 32},
+        "data": {"root": str(root)},
+        "train": {"iters": 4, "batch_size": 2, "crop_size": 64, "base_size": [256, 64], "workers": 0,
+                  "checkpoint_every": 2, "log_every": 1, "warmup_iters": 2},
+        "infer": {"short_side": 64, "scales": [1.0], "flip": True, "crop_size": 64, "stride": 43,
+                  "crf_workers": 1},
+    }
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def make_data_root(dst: Path, src: Path, ids: list[str], split: str = "train") -> Path:
+    """A VOC-layout root holding links to ``ids`` of the real sample (the sample itself is never written)."""
+    import json
+
+    for sub, ext in (("JPEGImages", ".jpg"), ("Seeds", ".png"), ("SegmentationClass", ".png")):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            (dst / sub / f"{i}{ext}").symlink_to(src / sub / f"{i}{ext}")
+    (dst / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    (dst / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    labels = json.loads((src / "cls_labels.json").read_text())
+    (dst / "cls_labels.json").write_text(json.dumps({i: labels[i] for i in ids}))
+    return dst
+
+
+def sample_ids(root: Path, n: int) -> list[str]:
+    return (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:n]

@@ -346,6 +346,8 @@ def train_loop(
         EpochIndexed(dataset), batch_size=spec.batch_size // info.world_size, sampler=sampler,
         num_workers=spec.workers, collate_fn=_collate, pin_memory=info.device.type == "cuda",
         persistent_workers=False, prefetch_factor=2 if spec.workers else None,
+        # Its own generator: creating the iterator must not draw from the global RNG that dropout uses.
+        generator=torch.Generator().manual_seed(spec.seed),
     )
     amp_dtype = _autocast_dtype(spec.amp, info.device)
     log = ScalarLog(output, start) if info.is_main else None

@@ -222,7 +222,7 @@ def dense_crf_pydensecrf(probs: np.ndarray, image: np.ndarray, params: CRFConfig
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
+                             rgbim=np.require(image, np.uint8, ["C", "W"]), compat=params.bilateral_compat)
     return np.asarray(crf.inference(params.iters), dtype=np.float32).reshape(k, h, w)
 
 

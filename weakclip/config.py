@@ -141,14 +141,21 @@ class InferConfig:
 
 @dataclass
 class RetrainConfig:
+    """The fully supervised segmenter trained on pseudo masks (``weakclip retrain``).
+
+    Defaults follow the released retraining recipe (deeplabv1-resnet38: SGD, poly 0.9, 40k iterations,
+    batch 20, 448 crops, scale 0.5-1.5). Loop settings not listed here (workers, seed, amp, checkpoints,
+    logging) are taken from ``train``.
+    """
+
     arch: str = "deeplabv3plus"  # "deeplabv3plus", "deeplab-largefov" or "segformer"
-    encoder: str = "resnet101"
-    encoder_weights: str | None = "imagenet"
-    backbone_file: str | None = None  # local ImageNet weights for the ResNet-38 option
+    encoder: str | None = None  # null: the arch's default (resnet101, resnet38, mit_b2)
+    encoder_weights: str | None = "imagenet"  # smp weights tag fetched by name; null: random init
+    backbone_file: str | None = None  # local ImageNet weights for the encoder/backbone (every arch)
     iters: int = 40000
-    batch_size: int = 20
+    batch_size: int = 20  # in total, over all processes
     crop_size: int = 448
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])  # times the image's own size
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -254,6 +261,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise WeakclipError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise WeakclipError(f"{where}: expected a number, got {value!r}")
         return float(value)

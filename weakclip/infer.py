@@ -10,6 +10,7 @@ import json
 import math
 import multiprocessing as mp
 import shutil
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def multiscale_probs(predict: Predictor, image: np.ndarray, icfg: InferConfig, d
     scales = icfg.scales if scales is None else scales
     flip = icfg.flip if flip is None else flip
     h, w = image.shape[:2]
-    src = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device).float()
+    src = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(device).float()
     total, views = None, 0
     for s in scales:
         vh, vw = view_size(h, w, icfg.short_side, s)
@@ -118,6 +119,11 @@ def _finish(job: tuple) -> str:
     label[unknown] = ignore_index
     write_mask(out_path, label)
     return sample_id
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group; the main process decides when the workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -173,7 +179,7 @@ def write_label_maps(
     skipped = len(samples) - len(todo)
     pool = None
     if crf_params is not None and icfg.crf_workers > 0 and todo:
-        pool = mp.get_context("spawn").Pool(icfg.crf_workers)
+        pool = mp.get_context("spawn").Pool(icfg.crf_workers, initializer=_ignore_sigint)
     pending: list = []
     bar = tqdm(total=len(samples), initial=skipped, desc=desc, disable=not progress, dynamic_ncols=True)
     try:
@@ -198,6 +204,10 @@ def write_label_maps(
         for result in pending:
             result.get()
             bar.update(1)
+    except KeyboardInterrupt:
+        for result in pending:  # keep what was inferred: its CRF takes a moment, redoing it takes longer
+            result.wait(timeout=60)
+        raise
     finally:
         bar.close()
         if pool is not None:

@@ -1,0 +1,101 @@
+"""One full WeakCLIP training step against a bare frozen forward of the image tower, in the same run.
+
+    python benchmarks/train_step.py [--json] [--repeat N] [--batch 2] [--size 320] [--device cpu|cuda]
+
+ViT-B/16 with random weights (timing does not depend on them), 21 classes. The step is what
+``weakclip train`` runs per iteration: forward, seeding + boundary (CRF, ``auto`` backend) + auxiliary
+losses, backward, AdamW step over the trainable parameters. The reference is ``visual(images)`` under
+no_grad on the same batch. Medians of N runs after one warm-up; ``ratio`` = step / forward. Peak RSS is the
+process's high-water mark (Linux ru_maxrss), which includes building the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+from weakclip.config import VOC_CLASSES, ClipConfig, LossConfig, ModelConfig
+from weakclip.losses import weakclip_losses
+from weakclip.model import build_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, repeat: int, device: torch.device) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(clip=ClipConfig(model="ViT-B-16", pretrained=None)), list(VOC_CLASSES))
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=3e-5)
+    loss_cfg = LossConfig()
+    amp = device.type == "cuda"
+    images = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, device=device)
+    seeds = torch.randint(0, 21, (args.batch, args.size, args.size), device=device)
+    seeds[:, : args.size // 8] = 255  # some ignored pixels, as padding gives
+    normalised = (images.float() - model.mean) / model.std
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(images)
+            losses = weakclip_losses(out["logits"], out["score_map"], seeds, images, loss_cfg)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            model.visual(normalised)
+
+    forward_s = _median_time(forward, args.repeat, device)
+    step_s = _median_time(step, args.repeat, device)
+    result = {
+        "step_s": round(step_s, 4),
+        "visual_forward_s": round(forward_s, 4),
+        "ratio": round(step_s / forward_s, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "size": args.size,
+        "crf_backend": loss_cfg.crf_backend,
+    }
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>18}: {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,8 @@
 images, already normalised with the ImageNet mean/std, to (B, K, H, W) logits at the input resolution, and
 ``param_groups(lr)`` gives SGD groups with the pretrained part at lr and the new head at 10x lr.
 
-Registered archs and how ``retrain.encoder`` selects their encoder. The config default ``resnet101``
-(``RetrainConfig().encoder``) stands for "this arch's default"; any other value is used as given.
+Registered archs and how ``retrain.encoder`` selects their encoder: ``null`` (the config default) picks
+the arch's default; any other value is used as given.
 
 ============================  ===============  ==========================================================
 arch                          default encoder  other encoders
@@ -100,8 +100,8 @@ class Segmenter(nn.Module):
 
 
 def _pick_encoder(cfg: RetrainConfig, arch_default: str) -> str:
-    """``cfg.encoder``, or the arch's default when it is left at the config default."""
-    return arch_default if cfg.encoder == RetrainConfig().encoder else cfg.encoder
+    """``cfg.encoder``, or the arch's default when it is null."""
+    return cfg.encoder or arch_default
 
 
 def read_backbone_file(path: str) -> dict[str, Tensor]:

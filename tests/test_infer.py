@@ -11,7 +11,14 @@ from weakclip.cli import main
 from weakclip.config import CRFConfig, InferConfig, load_config
 from weakclip.data.datasets import list_samples
 from weakclip.data.masks import read_mask
-from weakclip.infer import label_filter, multiscale_probs, slide_logits, view_size, window_starts, write_label_maps
+from weakclip.infer import (
+    label_filter,
+    multiscale_probs,
+    slide_logits,
+    view_size,
+    window_starts,
+    write_label_maps,
+)
 
 
 def test_window_starts_match_the_released_grid():
@@ -28,7 +35,7 @@ def test_view_size_fits_short_and_long_side():
 
 def test_sliding_windows_equal_one_pass_for_a_pointwise_predictor():
     conv = torch.nn.Conv2d(3, 5, 1)
-    predict = lambda x: conv(x.float() / 255)  # noqa: E731
+    predict = lambda x: conv(x.float() / 255)
     images = torch.randint(0, 256, (2, 3, 90, 130), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(slide_logits(predict, images, 64, 43), predict(images))

@@ -120,8 +120,7 @@ def test_loss_is_the_mean_over_unignored_pixels():
 
 def test_predict_voc_test_layout(voc_sample, tmp_path):
     root, ids = tiny_root(voc_sample, tmp_path, split="test")
-    # One CRF worker process: inline CRFs (crf_workers 0) hand pydensecrf a read-only image and fail.
-    cfg = small_cfg(root, "infer.crf_workers=1")
+    cfg = small_cfg(root)
     torch.manual_seed(0)
     ckpt = tmp_path / "segmenter.safetensors"
     save_weights(ckpt, build_segmenter(cfg.retrain, cfg.num_classes), checkpoint_metadata(cfg, tmp_path))

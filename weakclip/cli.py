@@ -55,7 +55,13 @@ def _split_samples(cfg, split: str, need_gt: bool = False):
 
 
 def cmd_pseudo_masks(args) -> None:
-    from .infer import inference_device, inference_fingerprint, load_refiner, refiner_predictor, write_label_maps
+    from .infer import (
+        inference_device,
+        inference_fingerprint,
+        load_refiner,
+        refiner_predictor,
+        write_label_maps,
+    )
 
     cfg = _config(args)
     split = args.split or cfg.data.split

@@ -49,7 +49,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
         raise WeakclipError(f"{path}: cannot read CLIP weights ({type(exc).__name__}: {exc})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
@@ -96,7 +96,7 @@ def load_clip(cfg: ClipConfig) -> nn.Module:
         if _is_torchscript_archive(path):
             try:
                 sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure means an unreadable archive
                 raise WeakclipError(f"{path}: cannot read TorchScript CLIP archive ({exc})") from None
             # Scalars OpenAI's archives carry, and the causal mask a scripted open_clip model keeps.
             for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
@@ -124,7 +124,7 @@ def load_clip(cfg: ClipConfig) -> nn.Module:
             )
         try:
             model = open_clip.create_model(cfg.model, pretrained=pretrained)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - hub and URL downloads fail in many ways offline
             raise WeakclipError(
                 f"cannot fetch CLIP weights '{cfg.model}/{pretrained}' ({type(exc).__name__}); without network "
                 f"access, download them elsewhere and pass a local file: --set model.clip.pretrained=/path/to/"
@@ -255,9 +255,7 @@ class PromptTextEncoder(nn.Module):
         self.register_buffer("positional_embedding", src.positional_embedding.detach(), persistent=False)
         for module in (self.token_embedding, self.transformer, self.ln_final):
             module.requires_grad_(False)
-        if isinstance(self.text_projection, nn.Parameter):
-            self.text_projection.requires_grad_(False)
-        elif self.text_projection is not None:
+        if isinstance(self.text_projection, nn.Parameter) or self.text_projection is not None:
             self.text_projection.requires_grad_(False)
 
         tokenizer = open_clip.tokenizer.SimpleTokenizer()

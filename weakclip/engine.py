@@ -186,7 +186,7 @@ def load_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise WeakclipError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
     load_trained_state(model, state, str(path))
     return meta
@@ -370,7 +370,7 @@ def train_loop(
     def on_signal(signum, frame):  # turn SIGTERM into the same clean stop as Ctrl-C
         raise _Interrupted()
 
-    old_handler = signal.signal(signal.SIGTERM, on_signal) if info.is_main or True else None
+    old_handler = signal.signal(signal.SIGTERM, on_signal)
     bar = tqdm(total=spec.iters, initial=start, disable=not info.is_main, desc="train", dynamic_ncols=True)
     it = start
     last_saved = start if resume else -1

@@ -221,9 +221,8 @@ def _save_probs(path: Path, probs: Tensor, short: int) -> None:
     r = min(1.0, short / min(h, w))
     small = F.interpolate(probs[None], size=(max(1, round(h * r)), max(1, round(w * r))), mode="bilinear",
                           align_corners=False)[0]
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, probs=small.cpu().numpy().astype(np.float16))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, probs=small.cpu().numpy().astype(np.float16))
 
 
 def inference_device() -> torch.device:

@@ -56,7 +56,7 @@ class Attention(nn.Module):
     def forward(self, query: Tensor, memory: Tensor) -> Tensor:
         """query (B, Nq, W), memory (B, Nk, W) -> (B, Nq, W)."""
         b, nq, width = query.shape
-        split = lambda t: t.reshape(b, t.shape[1], self.heads, width // self.heads).transpose(1, 2)  # noqa: E731
+        split = lambda t: t.reshape(b, t.shape[1], self.heads, width // self.heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(memory)), split(self.v(memory)))
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nq, width)))
 

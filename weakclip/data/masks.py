@@ -41,7 +41,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             arr = np.array(im)
     except WeakclipError:
         raise
-    except Exception as exc:  # PIL raises many types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
         raise WeakclipError(f"{path}: cannot read label map ({exc})") from None
     if arr.ndim != 2:
         raise WeakclipError(f"{path}: a label map must have one channel, got shape {arr.shape}")

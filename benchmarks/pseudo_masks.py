@@ -1,0 +1,123 @@
+"""The pseudo-mask stage on the real sample: throughput, the CRF label-restriction speedup, and baselines.
+
+    python benchmarks/pseudo_masks.py [--json] [--config voc-sample-cpu] [--checkpoint W] [--limit N]
+
+Measured in one run:
+- ``images_per_s``: ``write_label_maps`` (multi-scale + flip inference, label filter, CRF in
+  ``--workers`` processes, PNG writing) over the sample, end to end. Without ``--checkpoint`` the model has
+  random weights (the time does not depend on them).
+- ``crf_speedup``: pydensecrf post-processing at full resolution over background + the image's classes
+  against all 21 classes, on the same unaries (from the seeds), seconds per image on ``--crf-images`` images.
+- baselines against ``SegmentationClass``: the seeds themselves, and the same dense CRF run on the seeds
+  alone (one-hot unary with confidence 0.6 over background + the image's classes).
+- ``pseudo_mask_miou`` when ``--checkpoint`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from weakclip.config import load_config
+from weakclip.crf import dense_crf_pydensecrf
+from weakclip.data.datasets import list_samples, load_image
+from weakclip.infer import inference_device, refiner_predictor, write_label_maps
+from weakclip.metrics import ConfusionMeter, evaluate_dirs
+from weakclip.model import build_model
+
+VOC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc-sample"
+SEED_CONFIDENCE = 0.6
+
+
+def seed_probs(seed: np.ndarray, keys: list[int]) -> np.ndarray:
+    """(len(keys), H, W) probabilities: SEED_CONFIDENCE on the seed's class, the rest shared evenly."""
+    probs = np.full((len(keys), *seed.shape), (1 - SEED_CONFIDENCE) / max(len(keys) - 1, 1), np.float32)
+    for j, c in enumerate(keys):
+        probs[j][seed == c] = SEED_CONFIDENCE
+    return probs
+
+
+def crf_on_seeds(job: tuple) -> tuple[np.ndarray, np.ndarray]:
+    sample, params = job
+    keys = sorted({0, *sample.labels})
+    q = dense_crf_pydensecrf(seed_probs(sample.load_seed(), keys), load_image(sample.image), params)
+    return np.asarray(keys, np.uint8)[q.argmax(0)], sample.load_gt()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--config", default="voc-sample-cpu")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--limit", type=int, default=0, help="images for the stage timing (0: all)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--crf-images", type=int, default=20)
+    args = parser.parse_args()
+    cfg = load_config(args.config, [f"data.root={VOC_SAMPLE}", f"infer.crf_workers={args.workers}"])
+    samples = list_samples(cfg.data, need_seeds=True, need_gt=True)
+    params = cfg.infer.crf_params
+    result: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "config": args.config}
+
+    # 1. The whole stage.
+    device = inference_device()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.data.class_names)
+    if args.checkpoint:
+        from weakclip.engine import load_weights
+
+        load_weights(args.checkpoint, model)
+    stage = samples[: args.limit] if args.limit else samples
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        write_label_maps(refiner_predictor(model, device), stage, tmp, cfg.infer, device, {"benchmark": True},
+                         use_labels=cfg.infer.label_filter, crf_params=params, progress=not args.json)
+        seconds = time.perf_counter() - t
+        if args.checkpoint and len(stage) == len(samples):
+            scores = evaluate_dirs(tmp, Path(cfg.data.root) / cfg.data.gt_dir, cfg.data.class_names,
+                                   ids=[s.id for s in samples], progress=False)
+            result["pseudo_mask_miou"] = round(scores.miou, 2)
+    result.update(images=len(stage), stage_s=round(seconds, 1), images_per_s=round(len(stage) / seconds, 3),
+                  crf_workers=args.workers, device=str(device))
+
+    # 2. CRF over the image's classes against all classes, same unaries.
+    timed = {"restricted": 0.0, "all": 0.0}
+    for sample in samples[: args.crf_images]:
+        seed, image = sample.load_seed(), load_image(sample.image)
+        for name, keys in (("restricted", sorted({0, *sample.labels})), ("all", list(range(cfg.num_classes)))):
+            probs = seed_probs(seed, keys)
+            t = time.perf_counter()
+            dense_crf_pydensecrf(probs, image, params)
+            timed[name] += time.perf_counter() - t
+    n = min(args.crf_images, len(samples))
+    result.update(crf_restricted_s_per_image=round(timed["restricted"] / n, 4),
+                  crf_all_classes_s_per_image=round(timed["all"] / n, 4),
+                  crf_speedup=round(timed["all"] / timed["restricted"], 2))
+
+    # 3. Baselines: the seeds, and the dense CRF on the seeds alone.
+    seeds = ConfusionMeter(cfg.num_classes)
+    crf = ConfusionMeter(cfg.num_classes)
+    for s in samples:
+        seeds.update(s.load_seed(), s.load_gt())
+    with get_context("spawn").Pool(args.workers) as pool:
+        for pred, gt in pool.imap(crf_on_seeds, [(s, params) for s in samples], chunksize=4):
+            crf.update(pred, gt)
+    result.update(seeds_miou=round(seeds.result(cfg.data.class_names).miou, 2),
+                  crf_on_seeds_miou=round(crf.result(cfg.data.class_names).miou, 2))
+
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>28}: {v}")
+
+
+if __name__ == "__main__":
+    main()

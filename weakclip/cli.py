@@ -76,15 +76,22 @@ def cmd_pseudo_masks(args) -> None:
     print(f"pseudo masks: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)")
 
 
+def _read_ids(path: str | None) -> list[str] | None:
+    """Ids from a list file (first word of each non-empty line), or None when no file is given."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise WeakclipError(f"{path}: list file not found")
+    return [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def cmd_evaluate(args) -> None:
     from .fileio import write_text_atomic
     from .metrics import evaluate_dirs, save_plots
 
     cfg = _config(args)
-    ids = None
-    if args.list:
-        ids = [line.split()[0] for line in Path(args.list).read_text().splitlines() if line.strip()]
-    result = evaluate_dirs(args.pred, args.gt, cfg.data.class_names, ids=ids, ignore_index=cfg.data.ignore_index)
+    result = evaluate_dirs(args.pred, args.gt, cfg.data.class_names, ids=_read_ids(args.list),
+                           ignore_index=cfg.data.ignore_index)
     print(result.markdown())
     if args.json:
         write_text_atomic(args.json, json.dumps(result.to_json_dict(), indent=1) + "\n")
@@ -96,10 +103,8 @@ def cmd_evaluate(args) -> None:
 def cmd_visualize(args) -> None:
     from .visualize import visualize_dirs
 
-    ids = None
-    if args.list:
-        ids = [line.split()[0] for line in Path(args.list).read_text().splitlines() if line.strip()]
-    paths = visualize_dirs(args.images, args.masks, args.output, ids=ids, num=args.num, seed=args.seed,
+    paths = visualize_dirs(args.images, args.masks, args.output, ids=_read_ids(args.list), num=args.num,
+                           seed=args.seed,
                            titles=args.titles)
     print(f"{len(paths)} grids in {args.output}")
 

@@ -137,3 +137,13 @@ def test_unknown_tag_is_rejected():
 def test_class_name_too_long_for_text_context(clip_model):
     with pytest.raises(WeakclipError, match=r"class name 'a very long class name' is \d+ BPE tokens"):
         PromptTextEncoder(clip_model, ["background", "a very long class name"], n_ctx=8, name_length=5)
+
+
+def test_random_clip_is_the_same_every_time(tiny_clip_cfg):
+    """Checkpoints hold no CLIP weights, so a random CLIP must be rebuilt identically when one is loaded."""
+    torch.manual_seed(1)
+    a = load_clip(tiny_clip_cfg)
+    torch.manual_seed(2)
+    b = load_clip(tiny_clip_cfg)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name

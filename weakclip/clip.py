@@ -27,6 +27,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_CLIP_SEED = 0
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
@@ -82,13 +83,17 @@ def _create(cfg: ClipConfig) -> nn.Module:
 def load_clip(cfg: ClipConfig) -> nn.Module:
     """Build the open_clip model named by ``cfg`` and load its weights; returns an fp32 model in eval mode.
 
-    ``cfg.pretrained`` may be null (random init), a local file (an OpenAI TorchScript archive, or an
+    ``cfg.pretrained`` may be null (random init, always the same: seed ``RANDOM_CLIP_SEED``), a local file (an OpenAI TorchScript archive, or an
     open_clip / OpenAI state dict as .pt/.pth/.bin/.safetensors), or an open_clip pretrained tag, which
     open_clip downloads on a machine with network access.
     """
     pretrained = cfg.pretrained
     if pretrained is None:
-        model = _create(cfg)
+        # Random weights from a fixed seed: checkpoints hold no CLIP weights, so reloading one must rebuild
+        # the very same random CLIP it was trained on.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_CLIP_SEED)
+            model = _create(cfg)
     elif os.path.exists(pretrained) or pretrained.endswith(_WEIGHT_SUFFIXES) or os.sep in pretrained:
         path = Path(pretrained)
         if not path.is_file():

@@ -16,7 +16,6 @@ Measured in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_step import print_result
 
 from weakclip.config import load_config
 from weakclip.crf import dense_crf_pydensecrf
@@ -112,11 +112,7 @@ def main() -> None:
     result.update(seeds_miou=round(seeds.result(cfg.data.class_names).miou, 2),
                   crf_on_seeds_miou=round(crf.result(cfg.data.class_names).miou, 2))
 
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>28}: {v}")
+    print_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -41,25 +41,17 @@ def _median_time(fn, repeat: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, default=320)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-
+def measure_step(batch: int, size: int, device: torch.device, repeat: int) -> dict:
+    """Median seconds of a full training step and of the bare frozen image-tower forward, same batch."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(clip=ClipConfig(model="ViT-B-16", pretrained=None)), list(VOC_CLASSES))
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=3e-5)
     loss_cfg = LossConfig()
     amp = device.type == "cuda"
-    images = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, device=device)
-    seeds = torch.randint(0, 21, (args.batch, args.size, args.size), device=device)
-    seeds[:, : args.size // 8] = 255  # some ignored pixels, as padding gives
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    seeds = torch.randint(0, 21, (batch, size, size), device=device)
+    seeds[:, : size // 8] = 255  # some ignored pixels, as padding gives
     normalised = (images.float() - model.mean) / model.std
 
     def step() -> None:
@@ -74,8 +66,10 @@ def main() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             model.visual(normalised)
 
-    forward_s = _median_time(forward, args.repeat, device)
-    step_s = _median_time(step, args.repeat, device)
+    forward_s = _median_time(forward, repeat, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = _median_time(step, repeat, device)
     result = {
         "step_s": round(step_s, 4),
         "visual_forward_s": round(forward_s, 4),
@@ -84,17 +78,32 @@ def main() -> None:
         "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "size": args.size,
+        "batch": batch,
+        "size": size,
         "crf_backend": loss_cfg.crf_backend,
     }
     if device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    if args.json:
+    return result
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:>18}: {v}")
+            print(f"{k:>28}: {v}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print_result(measure_step(args.batch, args.size, torch.device(args.device), args.repeat), args.json)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,15 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_run, tm
     assert main(["train", "--config", str(tiny_run), "--output", str(out)]) == 2
     assert [p.name for p in (out / "checkpoints").glob("*.safetensors")] == ["iter_0000002.safetensors"]
     assert not (out / "model.safetensors").exists()
+
+
+def test_periodic_validation_logs_miou(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(tiny_run), "--output", str(out), "--set", "data.val_split=train",
+                 "--set", "train.val_every=2"]) == 0
+    rows = (out / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "val/miou" in header
+    col = header.index("val/miou")
+    values = [r.split(",")[col] for r in rows[1:] if len(r.split(",")) > col and r.split(",")[col]]
+    assert len(values) == 2 and all(0 <= float(v) <= 100 for v in values)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -175,19 +175,28 @@ def save_weights(path: Path, model: nn.Module, metadata: dict[str, str]) -> None
         save_file(trained_state(model), str(tmp), metadata=metadata)
 
 
-def load_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
-    """Load a weights file written by :func:`save_weights` into ``model``; returns its metadata."""
-    path = Path(path)
+def _open_checkpoint(path: Path, with_tensors: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file in one pass; one clear line when it is unusable."""
+    from safetensors import safe_open
+
     if not path.is_file():
         raise WeakclipError(f"{path}: checkpoint not found")
     try:
-        state = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}  # noqa: SIM118 - not a dict
+            return tensors, f.metadata() or {}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise WeakclipError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
+
+
+def read_header(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a weights file written by :func:`save_weights`."""
+    return _open_checkpoint(Path(path), with_tensors=False)[1]
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
+    """Load a weights file written by :func:`save_weights` into ``model``; returns its metadata."""
+    state, meta = _open_checkpoint(Path(path), with_tensors=True)
     load_trained_state(model, state, str(path))
     return meta
 

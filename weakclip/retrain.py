@@ -28,7 +28,7 @@ from .clip import IMAGENET_MEAN, IMAGENET_STD
 from .config import Config, config_from_dict, dump_config
 from .data.datasets import Sample, SegDataset, list_samples, preflight
 from .data.transforms import TrainTransform
-from .engine import DistInfo, LoopSpec, init_distributed, load_weights, poly, train_loop
+from .engine import DistInfo, LoopSpec, init_distributed, load_weights, poly, read_header, train_loop
 from .errors import WeakclipError
 from .fileio import write_text_atomic
 from .infer import (
@@ -161,19 +161,6 @@ def retrain(cfg: Config, masks_dir: str | Path, output: str | Path, resume: bool
 
 
 # ------------------------------------------------------------------------------------------------ predict
-
-
-def read_header(checkpoint: Path) -> dict[str, str]:
-    """The string metadata of a safetensors weights file."""
-    from safetensors import SafetensorError, safe_open
-
-    if not checkpoint.is_file():
-        raise WeakclipError(f"{checkpoint}: checkpoint not found")
-    try:
-        with safe_open(str(checkpoint), "pt") as f:
-            return f.metadata() or {}
-    except (OSError, SafetensorError) as exc:
-        raise WeakclipError(f"{checkpoint}: not a readable safetensors checkpoint ({exc})") from None
 
 
 def load_segmenter(cfg: Config, checkpoint: Path, header: dict[str, str]) -> Segmenter:

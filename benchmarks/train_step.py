@@ -5,7 +5,7 @@
 ViT-B/16 with random weights (timing does not depend on them), 21 classes. The step is what
 ``weakclip train`` runs per iteration: forward, seeding + boundary (CRF, ``auto`` backend) + auxiliary
 losses, backward, AdamW step over the trainable parameters. The reference is ``visual(images)`` under
-no_grad on the same batch. Medians of N runs after one warm-up; ``ratio`` = step / forward. Peak RSS is the
+no_grad on the same batch. Medians of N interleaved runs after one warm-up each; ``ratio`` = step / forward. Peak RSS is the
 process's high-water mark (Linux ru_maxrss), which includes building the model.
 """
 
@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from weakclip.config import VOC_CLASSES, ClipConfig, LossConfig, ModelConfig
+from weakclip.config import ClipConfig, Config, ModelConfig
 from weakclip.losses import weakclip_losses
 from weakclip.model import build_model
+from weakclip.train import build_optimizer
 
 
 def _sync(device: torch.device) -> None:
@@ -29,25 +30,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, repeat: int, device: torch.device) -> float:
+def _seconds(fn, device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        t = time.perf_counter()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _median_times(fns: list, repeat: int, device: torch.device) -> list[float]:
+    """Median seconds of each function; runs are interleaved, so a slow spell of a shared machine hits both."""
+    for fn in fns:
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times = [[_seconds(fn, device) for fn in fns] for _ in range(repeat)]
+    return [statistics.median(col) for col in zip(*times)]
 
 
 def measure_step(batch: int, size: int, device: torch.device, repeat: int) -> dict:
     """Median seconds of a full training step and of the bare frozen image-tower forward, same batch."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(clip=ClipConfig(model="ViT-B-16", pretrained=None)), list(VOC_CLASSES))
+    cfg = Config(model=ModelConfig(clip=ClipConfig(model="ViT-B-16", pretrained=None)))
+    model = build_model(cfg.model, cfg.data.class_names)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=3e-5)
-    loss_cfg = LossConfig()
+    optimizer = build_optimizer(model, cfg)  # what ``weakclip train`` uses
+    loss_cfg = cfg.loss
     amp = device.type == "cuda"
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     seeds = torch.randint(0, 21, (batch, size, size), device=device)
@@ -66,10 +72,9 @@ def measure_step(batch: int, size: int, device: torch.device, repeat: int) -> di
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             model.visual(normalised)
 
-    forward_s = _median_time(forward, repeat, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step_s = _median_time(step, repeat, device)
+    forward_s, step_s = _median_times([forward, step], repeat, device)
     result = {
         "step_s": round(step_s, 4),
         "visual_forward_s": round(forward_s, 4),

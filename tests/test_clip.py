@@ -49,6 +49,22 @@ def test_context_vectors_get_gradients_through_frozen_tower(clip_model):
     assert not any(p.requires_grad for n, p in enc.named_parameters() if n != "ctx")
 
 
+def test_prompted_text_equals_full_causal_pass(clip_model):
+    # Reference: the whole [SOT, ctx, name, EOT] sequence through open_clip's own transformer and causal mask.
+    torch.manual_seed(3)
+    enc = PromptTextEncoder(clip_model, NAMES, n_ctx=4)
+    assert enc.share_prefix  # the fast path is the one under test
+    ids = open_clip.tokenize(NAMES)[:, :5]
+    x = clip_model.token_embedding(ids)
+    x = torch.cat([x[:, :1], enc.ctx.expand(len(NAMES), -1, -1), x[:, 1:]], dim=1)
+    x = x + clip_model.positional_embedding[: x.shape[1]]
+    x = clip_model.transformer(x, attn_mask=clip_model.attn_mask[: x.shape[1], : x.shape[1]])
+    x = clip_model.ln_final(x)
+    eot = ids.argmax(dim=1) + 4  # the EOT token has the largest id
+    ref = x[torch.arange(len(NAMES)), eot] @ clip_model.text_projection
+    torch.testing.assert_close(enc(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_taps_and_dense_shapes_at_320x480(clip_model):
     vis = ClipVisual(clip_model.visual)
     assert vis.taps == [1, 2, 3, 4]  # depth 4: 4/3, 4/2, 8/3 rounded, 4

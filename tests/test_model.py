@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from weakclip.config import VOC_CLASSES, ModelConfig
 from weakclip.errors import WeakclipError
-from weakclip.model import WeakCLIP, build_model
+from weakclip.model import WeakCLIP, build_model, deconv2x2
 
 
 @pytest.fixture
@@ -35,6 +36,32 @@ def test_odd_input_sizes_give_quarter_resolution_logits(model_cfg):
     out = model(torch.randint(0, 256, (1, 3, 200, 250), dtype=torch.uint8))
     assert out["logits"].shape == (1, 21, 50, 63)
     assert out["score_map"].shape == (1, 21, 13, 16)
+
+
+def test_decoder_equals_plain_module_composition(model_cfg):
+    # The fused adapter->lateral path and the head's shared upsampling against the textbook order:
+    # adapter maps, score map concatenated, FPN laterals, every head branch upsampled on its own, summed.
+    model = _build(model_cfg).eval()
+    images = torch.randint(0, 256, (2, 3, 128, 192), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(images)
+        feats = model.visual((images.float() - model.mean) / model.std)
+        levels = model.adapter(feats.taps)
+        levels = [torch.cat([f, F.interpolate(out["score_map"], size=f.shape[2:], mode="bilinear",
+                                              align_corners=True)], dim=1) for f in levels]
+        neck = model.neck(levels)
+        head = model.head
+        fused = head.branches[0](neck[0])
+        for branch, f in zip(head.branches[1:], neck[1:]):
+            fused = fused + branch(f)
+        ref = head.classifier(fused)
+    torch.testing.assert_close(out["logits"], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_deconv2x2_equals_conv_transpose():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 6, 5, 7), torch.randn(6, 4, 2, 2), torch.randn(4)
+    torch.testing.assert_close(deconv2x2(x, w, b), F.conv_transpose2d(x, w, b, stride=2), rtol=1e-5, atol=1e-5)
 
 
 def test_only_trainable_parameters_get_gradients(model_cfg):

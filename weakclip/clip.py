@@ -17,7 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import build_model_from_openai_state_dict
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from .config import ClipConfig
@@ -299,9 +299,35 @@ class PromptTextEncoder(nn.Module):
         total = n_ctx + length
         mask = torch.full((total, total), float("-inf")).triu_(1)
         self.register_buffer("attn_mask", mask, persistent=False)
+        # The shared-prefix pass needs open_clip's standard batch-first self-attention blocks.
+        blocks = getattr(self.transformer, "resblocks", None)
+        self.share_prefix = bool(n_ctx) and getattr(self.transformer, "batch_first", False) and all(
+            isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
+            and isinstance(b.attn, nn.MultiheadAttention) and b.attn.batch_first for b in blocks or [None]
+        )
 
     def train(self, mode: bool = True) -> PromptTextEncoder:
         return super().train(False)
+
+    def _shared_prefix_transformer(self, prefix: Tensor, names: Tensor) -> Tensor:
+        """The causal text transformer over [SOT, ctx] + each class's name tokens, with the prefix run once.
+
+        Under the causal mask the SOT and context positions see only each other, so their states are the
+        same for every class: they are computed for one sequence, and each class's name tokens attend to
+        that shared prefix. Same result as the full (K, P + S) pass with about half the work.
+        prefix (1, P, width), names (K, S, width) -> names' final states (K, S, width).
+        """
+        k, s, _ = names.shape
+        p = prefix.shape[1]
+        mask_p, mask_s = self.attn_mask[:p, :p], self.attn_mask[p:, :]
+        for block in self.transformer.resblocks:
+            hp, hs = block.ln_1(prefix), block.ln_1(names)
+            kv = torch.cat([hp.expand(k, -1, -1), hs], dim=1)
+            prefix = prefix + block.ls_1(block.attention(q_x=hp, attn_mask=mask_p))
+            names = names + block.ls_1(block.attention(q_x=hs, k_x=kv, v_x=kv, attn_mask=mask_s))
+            prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
+            names = names + block.ls_2(block.mlp(block.ln_2(names)))
+        return names
 
     def forward(self) -> Tensor:
         """Returns the projected class embeddings (K, D). Gradients reach ``ctx`` through the frozen tower."""
@@ -310,9 +336,15 @@ class PromptTextEncoder(nn.Module):
             ctx = self.ctx.to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], ctx, x[:, 1:]], dim=1)
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        eot = self.eot_index
+        if self.share_prefix:
+            prefix = 1 + self.n_ctx
+            x = self._shared_prefix_transformer(x[:1, :prefix], x[:, prefix:])
+            eot = eot - prefix
+        else:
+            x = self.transformer(x, attn_mask=self.attn_mask)
         x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), self.eot_index]
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
         if isinstance(self.text_projection, nn.Linear):
             return self.text_projection(x)
         return x @ self.text_projection

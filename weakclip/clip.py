@@ -317,7 +317,7 @@ class PromptTextEncoder(nn.Module):
         that shared prefix. Same result as the full (K, P + S) pass with about half the work.
         prefix (1, P, width), names (K, S, width) -> names' final states (K, S, width).
         """
-        k, s, _ = names.shape
+        k = names.shape[0]
         p = prefix.shape[1]
         mask_p, mask_s = self.attn_mask[:p, :p], self.attn_mask[p:, :]
         for block in self.transformer.resblocks:

@@ -7,7 +7,8 @@ Measured in one run:
   ``--workers`` processes, PNG writing) over the sample, end to end. Without ``--checkpoint`` the model has
   random weights (the time does not depend on them).
 - ``crf_speedup``: pydensecrf post-processing at full resolution over background + the image's classes
-  against all 21 classes, on the same unaries (from the seeds), seconds per image on ``--crf-images`` images.
+  against all 21 classes, on the same unaries (from the seeds), seconds per image on ``--crf-images`` images
+  (default all), overall and by the number of classes kept.
 - baselines against ``SegmentationClass``: the seeds themselves, and the same dense CRF run on the seeds
   alone (one-hot unary with confidence 0.6 over background + the image's classes).
 - ``pseudo_mask_miou`` when ``--checkpoint`` is given.
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--checkpoint")
     parser.add_argument("--limit", type=int, default=0, help="images for the stage timing (0: all)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--crf-images", type=int, default=20)
+    parser.add_argument("--crf-images", type=int, default=0, help="images for the CRF timing (0: all)")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.root={VOC_SAMPLE}", f"infer.crf_workers={args.workers}"])
     samples = list_samples(cfg.data, need_seeds=True, need_gt=True)
@@ -88,18 +89,25 @@ def main() -> None:
                   crf_workers=args.workers, device=str(device))
 
     # 2. CRF over the image's classes against all classes, same unaries.
-    timed = {"restricted": 0.0, "all": 0.0}
-    for sample in samples[: args.crf_images]:
+    crf_samples = samples[: args.crf_images] if args.crf_images else samples
+    timed: dict[int, list[float]] = {}  # number of kept classes -> [restricted s, all-classes s, images]
+    for sample in crf_samples:
         seed, image = sample.load_seed(), load_image(sample.image)
-        for name, keys in (("restricted", sorted({0, *sample.labels})), ("all", list(range(cfg.num_classes)))):
-            probs = seed_probs(seed, keys)
+        keys = sorted({0, *sample.labels})
+        row = timed.setdefault(len(keys), [0.0, 0.0, 0])
+        for j, ks in enumerate((keys, list(range(cfg.num_classes)))):
+            probs = seed_probs(seed, ks)
             t = time.perf_counter()
             dense_crf_pydensecrf(probs, image, params)
-            timed[name] += time.perf_counter() - t
-    n = min(args.crf_images, len(samples))
-    result.update(crf_restricted_s_per_image=round(timed["restricted"] / n, 4),
-                  crf_all_classes_s_per_image=round(timed["all"] / n, 4),
-                  crf_speedup=round(timed["all"] / timed["restricted"], 2))
+            row[j] += time.perf_counter() - t
+        row[2] += 1
+    restricted, full = sum(r[0] for r in timed.values()), sum(r[1] for r in timed.values())
+    result.update(crf_images=len(crf_samples),
+                  crf_restricted_s_per_image=round(restricted / len(crf_samples), 4),
+                  crf_all_classes_s_per_image=round(full / len(crf_samples), 4),
+                  crf_speedup=round(full / restricted, 2),
+                  crf_speedup_by_kept_classes={str(k): {"images": r[2], "speedup": round(r[1] / r[0], 2)}
+                                               for k, r in sorted(timed.items())})
 
     # 3. Baselines: the seeds, and the dense CRF on the seeds alone.
     seeds = ConfusionMeter(cfg.num_classes)

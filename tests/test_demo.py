@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from conftest import make_data_root, sample_ids
 from PIL import Image
 
 from weakclip.cli import main
@@ -43,3 +44,17 @@ def test_shortened_demo_writes_report_masks_and_grids(tmp_path):
     assert main(["demo", "--output", str(out), "--iters", "3", "--num-images", "6"]) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["pseudo_mask_miou"] == report["pseudo_mask_miou"]
+
+
+def test_demo_on_real_sample_folder(tmp_path, voc_sample, capsys):
+    # --data runs the same commands with the voc-sample-cpu settings on any voc-sample-like folder.
+    ids = sample_ids(voc_sample, 3)
+    root = make_data_root(tmp_path / "data", voc_sample, ids)
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--data", str(root), "--iters", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    gt = root / "SegmentationClass"
+    assert abs(report["seeds_miou"] - _miou(root / "Seeds", gt, ids, 21)) < 1e-6
+    assert abs(report["pseudo_mask_miou"] - _miou(out / "pseudo_masks", gt, ids, 21)) < 1e-6
+    assert "voc-sample-cpu" in (out / "config.yaml").read_text()
+    assert "randomly initialised CLIP" in capsys.readouterr().out  # random weights are said, not hidden

@@ -81,4 +81,9 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     print(f"\nseeds mIoU {report['seeds_miou']:.1f} -> pseudo masks mIoU {report['pseudo_mask_miou']:.1f} "
           f"({report['seconds']:.0f} s)\nreport: {out / 'report.json'}\ngrids: {out / 'grids'}")
+    if data is not None and clip is None:
+        # voc-sample-cpu runs a random CLIP: its features carry no object signal on real photographs
+        # (benchmarks/feature_probe.py), so these pseudo masks test the plumbing, not the method.
+        print("note: this run used a randomly initialised CLIP; for meaningful pseudo masks on real images pass "
+              "--clip with pretrained weights (an open_clip tag such as openai, or a local checkpoint file)")
     return report

@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import open_clip
+import torch
 from conftest import make_data_root, sample_ids
 from PIL import Image
+from safetensors.torch import save_file
 
 from weakclip.cli import main
+from weakclip.config import load_config
+from weakclip.infer import load_refiner
 
 
 def _miou(pred_dir, gt_dir, ids, k):
@@ -58,3 +63,19 @@ def test_demo_on_real_sample_folder(tmp_path, voc_sample, capsys):
     assert abs(report["pseudo_mask_miou"] - _miou(out / "pseudo_masks", gt, ids, 21)) < 1e-6
     assert "voc-sample-cpu" in (out / "config.yaml").read_text()
     assert "randomly initialised CLIP" in capsys.readouterr().out  # random weights are said, not hidden
+
+
+def test_demo_with_clip_weights_file_uses_that_model(tmp_path):
+    # --clip swaps the configs' small random CLIP for the named open_clip model loaded from the file.
+    torch.manual_seed(5)
+    ref = open_clip.create_model("ViT-S-16", pretrained=None)
+    weights = tmp_path / "vit-s-16.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(weights))
+    out = tmp_path / "demo"
+    argv = ["demo", "--output", str(out), "--iters", "1", "--num-images", "4", "--clip", str(weights),
+            "--clip-model", "ViT-S-16"]
+    assert main(argv) == 0
+    cfg = load_config(str(out / "train" / "config.yaml"))
+    assert (cfg.model.clip.model, cfg.model.clip.arch, cfg.model.clip.pretrained) == ("ViT-S-16", None, str(weights))
+    model = load_refiner(cfg, out / "train" / "model.safetensors")
+    torch.testing.assert_close(model.visual.visual.conv1.weight, ref.visual.conv1.weight, rtol=0, atol=0)

@@ -119,7 +119,8 @@ def cmd_prepare_coco(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.output, data=args.data, clip=args.clip, iters=args.iters, num_images=args.num_images)
+    run_demo(args.output, data=args.data, clip=args.clip, iters=args.iters, num_images=args.num_images,
+             clip_model=args.clip_model)
 
 
 def cmd_retrain(args) -> None:
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data (or --data), no downloads")
     p.add_argument("--output", default="weakclip-demo")
     p.add_argument("--data", help="a folder laid out like voc-sample (default: generate synthetic data)")
-    p.add_argument("--clip", help="pretrained CLIP tag or weights file (default: random weights)")
+    p.add_argument("--clip", help="pretrained CLIP tag or weights file (default: a small random CLIP)")
+    p.add_argument("--clip-model", default="ViT-B-16", help="the open_clip model --clip belongs to")
     p.add_argument("--iters", type=int, help="training iterations (default: the config's)")
     p.add_argument("--num-images", type=int, default=48, help="synthetic images to generate")
     p.set_defaults(func=cmd_demo)

@@ -25,8 +25,12 @@ def _run(argv: list[str]) -> None:
 
 
 def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = None, clip: str | None = None,
-             iters: int | None = None, num_images: int = 48) -> dict:
-    """Run the pipeline into ``output``; returns (and writes to ``report.json``) the measured figures."""
+             iters: int | None = None, num_images: int = 48, clip_model: str = "ViT-B-16") -> dict:
+    """Run the pipeline into ``output``; returns (and writes to ``report.json``) the measured figures.
+
+    ``clip`` (an open_clip tag or a local weights file for the open_clip model ``clip_model``) replaces the
+    configs' small random CLIP.
+    """
     start = time.perf_counter()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +52,7 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
         base = "voc-sample-cpu"
     overrides["data"] = {"root": str(root.resolve())}
     if clip is not None:
-        overrides["model"] = {"clip": {"pretrained": clip}}
+        overrides["model"] = {"clip": {"model": clip_model, "arch": None, "pretrained": clip}}
     if iters is not None:
         overrides["train"] = {"iters": iters}
     config = out / "config.yaml"
@@ -85,5 +89,6 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
         # voc-sample-cpu runs a random CLIP: its features carry no object signal on real photographs
         # (benchmarks/feature_probe.py), so these pseudo masks test the plumbing, not the method.
         print("note: this run used a randomly initialised CLIP; for meaningful pseudo masks on real images pass "
-              "--clip with pretrained weights (an open_clip tag such as openai, or a local checkpoint file)")
+              "--clip with pretrained weights (an open_clip tag such as openai, or a local checkpoint file of "
+              "--clip-model, ViT-B-16 by default)")
     return report

@@ -25,16 +25,16 @@ from weakclip.model import build_model
 from weakclip.train import build_optimizer
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def _seconds(fn, device: torch.device) -> float:
-    _sync(device)
+    sync_device(device)
     t = time.perf_counter()
     fn()
-    _sync(device)
+    sync_device(device)
     return time.perf_counter() - t
 
 

@@ -1,0 +1,22 @@
+"""The GPU benchmark is run by sessions that hold a GPU for a few minutes: its code path must not rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_gpu_benchmark_smoke_run_prints_its_figures():
+    # --smoke runs the very code of the GPU figures (training step, pseudo-mask inference) at toy sizes.
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu.py"), "--smoke"], capture_output=True, check=False,
+                          text=True, timeout=600, cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["smoke"] is True
+    assert result["train_trainable_params"] == 17_033_237  # ViT-B/16 on VOC, the notes' analytic count
+    assert result["train_step_s"] > 0 and result["train_images_per_s"] > 0
+    assert result["pseudo_mask_inference_images_per_s"] > 0

@@ -301,9 +301,10 @@ class PromptTextEncoder(nn.Module):
         self.register_buffer("attn_mask", mask, persistent=False)
         # The shared-prefix pass needs open_clip's standard batch-first self-attention blocks.
         blocks = getattr(self.transformer, "resblocks", None)
-        self.share_prefix = bool(n_ctx) and getattr(self.transformer, "batch_first", False) and all(
-            isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
-            and isinstance(b.attn, nn.MultiheadAttention) and b.attn.batch_first for b in blocks or [None]
+        self.share_prefix = (
+            bool(n_ctx) and getattr(self.transformer, "batch_first", False) and blocks is not None
+            and all(isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
+                    and isinstance(b.attn, nn.MultiheadAttention) and b.attn.batch_first for b in blocks)
         )
 
     def train(self, mode: bool = True) -> PromptTextEncoder:

@@ -90,24 +90,25 @@ def main() -> None:
 
     # 2. CRF over the image's classes against all classes, same unaries.
     crf_samples = samples[: args.crf_images] if args.crf_images else samples
-    timed: dict[int, list[float]] = {}  # number of kept classes -> [restricted s, all-classes s, images]
+    timed: dict[int, list[tuple[float, float]]] = {}  # kept classes -> (restricted s, all-classes s) per image
     for sample in crf_samples:
         seed, image = sample.load_seed(), load_image(sample.image)
         keys = sorted({0, *sample.labels})
-        row = timed.setdefault(len(keys), [0.0, 0.0, 0])
-        for j, ks in enumerate((keys, list(range(cfg.num_classes)))):
+        seconds = []
+        for ks in (keys, list(range(cfg.num_classes))):
             probs = seed_probs(seed, ks)
             t = time.perf_counter()
             dense_crf_pydensecrf(probs, image, params)
-            row[j] += time.perf_counter() - t
-        row[2] += 1
-    restricted, full = sum(r[0] for r in timed.values()), sum(r[1] for r in timed.values())
-    result.update(crf_images=len(crf_samples),
-                  crf_restricted_s_per_image=round(restricted / len(crf_samples), 4),
-                  crf_all_classes_s_per_image=round(full / len(crf_samples), 4),
-                  crf_speedup=round(full / restricted, 2),
-                  crf_speedup_by_kept_classes={str(k): {"images": r[2], "speedup": round(r[1] / r[0], 2)}
-                                               for k, r in sorted(timed.items())})
+            seconds.append(time.perf_counter() - t)
+        timed.setdefault(len(keys), []).append((seconds[0], seconds[1]))
+    speedup = lambda rows: round(sum(f for _, f in rows) / sum(r for r, _ in rows), 2)
+    every = [row for rows in timed.values() for row in rows]
+    result.update(crf_images=len(every),
+                  crf_restricted_s_per_image=round(sum(r for r, _ in every) / len(every), 4),
+                  crf_all_classes_s_per_image=round(sum(f for _, f in every) / len(every), 4),
+                  crf_speedup=speedup(every),
+                  crf_speedup_by_kept_classes={str(k): {"images": len(rows), "speedup": speedup(rows)}
+                                               for k, rows in sorted(timed.items())})
 
     # 3. Baselines: the seeds, and the dense CRF on the seeds alone.
     seeds = ConfusionMeter(cfg.num_classes)

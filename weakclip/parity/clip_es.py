@@ -1,0 +1,1 @@
+"""Checker for fixtures recorded from the released CLIP-ES code (``clip-es-tiny``)."""

@@ -1,0 +1,1 @@
+"""Checker for fixtures recorded from the released WeakCLIP code (``weakclip-tiny``, ``weakclip-tiny-odd``)."""

@@ -25,52 +25,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .distributed import DistInfo, barrier
 from .errors import WeakclipError
 from .fileio import atomic_path, write_text_atomic
-
-# ------------------------------------------------------------------------------------------ distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise one process.
-
-    GPUs use NCCL (one per local rank); CPUs use gloo.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, device)
-
-
-def barrier(info: DistInfo) -> None:
-    if info.world_size > 1:
-        dist.barrier()
-
-
-def all_reduce_sum(t: Tensor, info: DistInfo) -> Tensor:
-    if info.world_size > 1:
-        dist.all_reduce(t)
-    return t
-
 
 # ----------------------------------------------------------------------------------------- data stream
 

@@ -263,7 +263,7 @@ def inference_fingerprint(cfg: Config, checkpoint: str | Path, split: str) -> di
 def validator(cfg: Config, info) -> Callable[[torch.nn.Module], dict[str, float]]:
     """Single-scale, no-flip, no-CRF mIoU on ``cfg.data.val_split`` (each rank scores its share)."""
     from .data.datasets import list_samples
-    from .engine import all_reduce_sum
+    from .distributed import all_reduce_sum
     from .metrics import ConfusionMeter
 
     samples = list_samples(cfg.data, cfg.data.val_split, need_seeds=False, need_gt=True)

@@ -28,7 +28,8 @@ from .clip import IMAGENET_MEAN, IMAGENET_STD
 from .config import Config, config_from_dict, dump_config
 from .data.datasets import Sample, SegDataset, list_samples, preflight
 from .data.transforms import TrainTransform
-from .engine import DistInfo, LoopSpec, init_distributed, load_weights, poly, read_header, train_loop
+from .distributed import DistInfo, init_distributed
+from .engine import LoopSpec, load_weights, poly, read_header, train_loop
 from .errors import WeakclipError
 from .fileio import write_text_atomic
 from .infer import (

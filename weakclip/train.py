@@ -11,7 +11,8 @@ from torch import nn
 from .config import Config, dump_config
 from .data.datasets import SegDataset, list_samples, preflight
 from .data.transforms import TrainTransform
-from .engine import DistInfo, LoopSpec, init_distributed, train_loop, warmup_cosine
+from .distributed import DistInfo, init_distributed
+from .engine import LoopSpec, train_loop, warmup_cosine
 from .fileio import write_text_atomic
 from .losses import weakclip_losses
 from .model import WeakCLIP, build_model

@@ -77,7 +77,7 @@ def test_torchrun_two_processes_on_cpu(tiny_run, tmp_path):
     from weakclip.infer import load_refiner
 
     out = tmp_path / "ddp"
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "weakclip", "train", "--config",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "weakclip", "train", "--config",
            str(tiny_run), "--output", str(out), "--set", "train.iters=2", "--set", "train.batch_size=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)

@@ -6,6 +6,10 @@ Measured in one run:
 - ``images_per_s``: ``write_label_maps`` (multi-scale + flip inference, label filter, CRF in
   ``--workers`` processes, PNG writing) over the sample, end to end. Without ``--checkpoint`` the model has
   random weights (the time does not depend on them).
+- ``launch``: the ``weakclip pseudo-masks`` command on the first ``--launch-images`` images as one process
+  and as two ``torchrun`` processes (gloo, CPU), each with its default CRF pool: images/s over the whole
+  command (start-up included) and over the stage (``summary.json``), and whether both wrote byte-identical
+  PNGs.
 - ``crf_speedup``: pydensecrf post-processing at full resolution over background + the image's classes
   against all 21 classes, on the same unaries (from the seeds), seconds per image on ``--crf-images`` images
   (default all), overall and by the number of classes kept.
@@ -17,7 +21,11 @@ Measured in one run:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from multiprocessing import get_context
@@ -29,12 +37,16 @@ from train_step import print_result
 
 from weakclip.config import load_config
 from weakclip.crf import dense_crf_pydensecrf
-from weakclip.data.datasets import list_samples, load_image
-from weakclip.infer import inference_device, refiner_predictor, write_label_maps
+from weakclip.data.datasets import Sample, list_samples, load_image
+from weakclip.distributed import init_distributed
+from weakclip.engine import save_weights
+from weakclip.infer import refiner_predictor, write_label_maps
 from weakclip.metrics import ConfusionMeter, evaluate_dirs
 from weakclip.model import build_model
+from weakclip.train import checkpoint_metadata
 
-VOC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc-sample"
+REPO = Path(__file__).resolve().parents[1]
+VOC_SAMPLE = REPO.parent / "shared" / "data" / "voc-sample"
 SEED_CONFIDENCE = 0.6
 
 
@@ -53,6 +65,37 @@ def crf_on_seeds(job: tuple) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(keys, np.uint8)[q.argmax(0)], sample.load_gt()
 
 
+def launch_figures(config: str, samples: list[Sample], checkpoint: Path, tmp: Path) -> dict:
+    """``weakclip pseudo-masks`` on ``samples`` as 1 process and as 2 torchrun processes: images/s and
+    whether the PNGs are byte-identical."""
+    root = tmp / "launch-data"  # links to the sample: the command lists a split of a data root
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for s in samples:
+        (root / "JPEGImages" / s.image.name).symlink_to(s.image)
+    (root / "cls_labels.json").symlink_to(VOC_SAMPLE / "cls_labels.json")
+    (root / "ImageSets" / "Segmentation" / "launch.txt").write_text("".join(f"{s.id}\n" for s in samples))
+    args = ["-m", "weakclip", "pseudo-masks", "--config", config, "--checkpoint", str(checkpoint),
+            "--split", "launch", "--set", f"data.root={root}", "--set", "infer.crf_workers=null"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    figures: dict = {"images": len(samples)}
+    pngs = []
+    for procs, launcher in ((1, []), (2, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        out = tmp / f"launch-{procs}"
+        t = time.perf_counter()
+        subprocess.run([sys.executable, *launcher, *args, "--output", str(out)], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t
+        stage = json.loads((out / "summary.json").read_text())["last_run"]
+        figures[f"processes_{procs}"] = {"command_s": round(seconds, 1),
+                                         "images_per_s": round(len(samples) / seconds, 3),
+                                         "stage_images_per_s": stage["images_per_s"],
+                                         "crf_workers_per_process": stage["crf_workers"]}
+        pngs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.png"))})
+    figures["identical_pngs"] = len(pngs[0]) == len(samples) and pngs[0] == pngs[1]
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -61,6 +104,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="images for the stage timing (0: all)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--crf-images", type=int, default=0, help="images for the CRF timing (0: all)")
+    parser.add_argument("--launch-images", type=int, default=16,
+                        help="images for the 1-process / 2-process command timing (0: skip it)")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.root={VOC_SAMPLE}", f"infer.crf_workers={args.workers}"])
     samples = list_samples(cfg.data, need_seeds=True, need_gt=True)
@@ -68,7 +113,8 @@ def main() -> None:
     result: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "config": args.config}
 
     # 1. The whole stage.
-    device = inference_device()
+    info = init_distributed()
+    device = info.device
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data.class_names)
     if args.checkpoint:
@@ -78,7 +124,7 @@ def main() -> None:
     stage = samples[: args.limit] if args.limit else samples
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        write_label_maps(refiner_predictor(model, device), stage, tmp, cfg.infer, device, {"benchmark": True},
+        write_label_maps(refiner_predictor(model, device), stage, tmp, cfg.infer, info, {"benchmark": True},
                          use_labels=cfg.infer.label_filter, crf_params=params, progress=not args.json)
         seconds = time.perf_counter() - t
         if args.checkpoint and len(stage) == len(samples):
@@ -87,6 +133,14 @@ def main() -> None:
             result["pseudo_mask_miou"] = round(scores.miou, 2)
     result.update(images=len(stage), stage_s=round(seconds, 1), images_per_s=round(len(stage) / seconds, 3),
                   crf_workers=args.workers, device=str(device))
+
+    # 1b. The command, 1 process against 2 torchrun processes.
+    if args.launch_images:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "random.safetensors"
+            if not args.checkpoint:
+                save_weights(checkpoint, model, checkpoint_metadata(cfg))
+            result["launch"] = launch_figures(args.config, samples[: args.launch_images], checkpoint, Path(tmp))
 
     # 2. CRF over the image's classes against all classes, same unaries.
     crf_samples = samples[: args.crf_images] if args.crf_images else samples

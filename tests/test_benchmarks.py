@@ -19,4 +19,7 @@ def test_gpu_benchmark_smoke_run_prints_its_figures():
     assert result["smoke"] is True
     assert result["train_trainable_params"] == 17_033_237  # ViT-B/16 on VOC, the notes' analytic count
     assert result["train_step_s"] > 0 and result["train_images_per_s"] > 0
-    assert result["pseudo_mask_inference_images_per_s"] > 0
+    for batch_size in (1, 8, 16):
+        assert result[f"pseudo_mask_model_images_per_s_batch{batch_size}"] > 0
+        assert result[f"pseudo_mask_images_per_s_batch{batch_size}"] > 0
+    assert result["crf_workers"] == 0  # --smoke runs the CRF in the process: no pool to start

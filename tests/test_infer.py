@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
+
 import numpy as np
 import pytest
 import torch
@@ -11,14 +14,17 @@ from weakclip.cli import main
 from weakclip.config import CRFConfig, InferConfig, load_config
 from weakclip.data.datasets import list_samples
 from weakclip.data.masks import read_mask
+from weakclip.distributed import DistInfo
 from weakclip.infer import (
     label_filter,
     multiscale_probs,
-    slide_logits,
+    sliding_logits,
     view_size,
     window_starts,
     write_label_maps,
 )
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 def test_window_starts_match_the_released_grid():
@@ -36,9 +42,13 @@ def test_view_size_fits_short_and_long_side():
 def test_sliding_windows_equal_one_pass_for_a_pointwise_predictor():
     conv = torch.nn.Conv2d(3, 5, 1)
     predict = lambda x: conv(x.float() / 255)
-    images = torch.randint(0, 256, (2, 3, 90, 130), dtype=torch.uint8)
+    views = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((90, 130), (50, 130), (90, 130))]
     with torch.no_grad():
-        torch.testing.assert_close(slide_logits(predict, images, 64, 43), predict(images))
+        for batch_size in (1, 3, 16):
+            out = dict(sliding_logits(predict, views, 64, 43, batch_size))
+            assert sorted(out) == [0, 1, 2]
+            for v, view in enumerate(views):
+                torch.testing.assert_close(out[v], predict(view[None])[0])
 
 
 def test_flip_views_are_unflipped_before_averaging():
@@ -91,9 +101,9 @@ class _Predictor:
             return self.conv(x.float() / 64)
 
 
-def _write(cfg, samples, out, predictor, fingerprint):
-    return write_label_maps(predictor, samples, out, cfg.infer, torch.device("cpu"), fingerprint,
-                            use_labels=True, crf_params=cfg.infer.crf_params, progress=False)
+def _write(cfg, samples, out, predictor, fingerprint, **kw):
+    return write_label_maps(predictor, samples, out, cfg.infer, CPU, fingerprint,
+                            use_labels=True, crf_params=cfg.infer.crf_params, progress=False, **kw)
 
 
 def test_interrupted_run_resumes_and_new_checkpoint_redoes_all(tiny_masks_setup, tmp_path):
@@ -112,7 +122,7 @@ def test_interrupted_run_resumes_and_new_checkpoint_redoes_all(tiny_masks_setup,
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(s.id for s in samples)
 
     summary = _write(cfg, samples, out, _Predictor(21), {"checkpoint_sha256": "bbb"})
-    assert summary == {"written": len(samples), "skipped": 0, "output": str(out)}
+    assert summary == {"written": len(samples), "skipped": 0, "output": str(out), "missing": 0}
 
 
 def test_pseudo_masks_respect_image_labels_and_sizes(tiny_masks_setup, tmp_path):
@@ -125,6 +135,29 @@ def test_pseudo_masks_respect_image_labels_and_sizes(tiny_masks_setup, tmp_path)
         assert set(np.unique(mask)) <= {0, 255, *s.labels}
 
 
+def test_saved_probs_are_the_crf_input_of_the_image_classes_only(tiny_masks_setup, tmp_path):
+    cfg, samples = tiny_masks_setup
+    cfg.infer.save_probs_size = 10_000  # full resolution, to compare with the label maps
+    cfg.infer.crf = False
+    out = tmp_path / "masks"
+    write_label_maps(_Predictor(21), samples, out, cfg.infer, CPU, {"checkpoint_sha256": "x"}, use_labels=True,
+                     crf_params=None, save_probs=True, progress=False)
+    for s in samples:
+        path = out / "probs" / f"{s.id}.npz"
+        with zipfile.ZipFile(path) as archive:
+            assert all(info.compress_type == zipfile.ZIP_DEFLATED for info in archive.infolist())
+        saved = np.load(path)
+        assert saved["classes"].tolist() == [0, *sorted(s.labels)]
+        probs = saved["probs"]
+        assert probs.dtype == np.float16 and probs.shape[0] == len(s.labels) + 1
+        np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=3e-3)
+        label = saved["classes"][probs.argmax(0)]
+        label[saved["unknown"]] = 255
+        mask = read_mask(out / f"{s.id}.png")
+        assert probs.shape[1:] == mask.shape
+        assert (label == mask).mean() > 0.999  # float16 may flip a near-tie
+
+
 def test_pseudo_masks_command_end_to_end(tmp_path, voc_sample):
     root = make_data_root(tmp_path / "data", voc_sample, sample_ids(voc_sample, 3))
     config = write_tiny_config(tmp_path / "tiny.yaml", root, train={"iters": 2})
@@ -133,8 +166,8 @@ def test_pseudo_masks_command_end_to_end(tmp_path, voc_sample):
     args = ["pseudo-masks", "--config", str(config), "--checkpoint", ckpt, "--output", str(tmp_path / "pm")]
     assert main([*args, "--save-probs"]) == 0
     assert len(list((tmp_path / "pm").glob("*.png"))) == 3
-    probs = np.load(next((tmp_path / "pm" / "probs").glob("*.npz")))["probs"]
-    assert probs.dtype == np.float16 and probs.shape[0] == 21
+    assert len(list((tmp_path / "pm" / "probs").glob("*.npz"))) == 3
+    assert json.loads((tmp_path / "pm" / "summary.json").read_text())["images"] == 3
     assert main(["evaluate", "--pred", str(tmp_path / "pm"), "--gt", str(root / "SegmentationClass"),
                  "--config", str(config), "--json", str(tmp_path / "scores.json")]) == 0
     assert (tmp_path / "scores.json").is_file()

@@ -136,6 +136,24 @@ def test_predict_voc_test_layout(voc_sample, tmp_path):
     assert again["skipped"] == IDS and len(list(results.iterdir())) == IDS
 
 
+def test_predict_shards_fill_one_folder_and_lay_out_the_test_server_files_once(voc_sample, tmp_path):
+    from weakclip.distributed import Shard
+
+    root, ids = tiny_root(voc_sample, tmp_path, split="test")
+    cfg = small_cfg(root)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "segmenter.safetensors"
+    save_weights(ckpt, build_segmenter(cfg.retrain, cfg.num_classes), checkpoint_metadata(cfg, tmp_path))
+    predict(cfg, ckpt, "test", tmp_path / "one")
+    out = tmp_path / "sharded"
+    first = predict(cfg, ckpt, "test", out, fmt="voc-test", shard=Shard(0, 2))
+    assert first["written"] == 2 and first["missing"] == 1 and not (out / VOC_TEST_DIR).exists()
+    second = predict(cfg, ckpt, "test", out, fmt="voc-test", shard=Shard(1, 2))
+    assert second["written"] == 1 and second["missing"] == 0 and second["output"] == str(out / VOC_TEST_DIR)
+    for i in ids:
+        assert (out / VOC_TEST_DIR / f"{i}.png").read_bytes() == (tmp_path / "one" / f"{i}.png").read_bytes()
+
+
 def test_predict_accepts_a_refiner_checkpoint(voc_sample, tmp_path, tiny_clip_cfg):
     from weakclip.model import build_model
     from weakclip.train import checkpoint_metadata as refiner_metadata

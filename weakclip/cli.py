@@ -20,6 +20,12 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config field, e.g. --set train.iters=100 --set data.root=/data/VOC2012")
 
 
+def _add_shard(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", metavar="I/N",
+                   help="do share I of N of the list (0-based), e.g. one job of a job array per share; any mix "
+                        "of shards, process counts and reruns fills the one --output folder")
+
+
 def _config(args):
     from .config import load_config
 
@@ -48,32 +54,26 @@ def cmd_train(args) -> None:
     print(f"weights: {final}")
 
 
-def _split_samples(cfg, split: str, need_gt: bool = False):
-    from .data.datasets import list_samples
+def _shard(args):
+    from .distributed import Shard
 
-    return list_samples(cfg.data, split, need_seeds=False, need_gt=need_gt)
+    return Shard.parse(args.shard) if args.shard else None
+
+
+def _done_line(what: str, summary: dict) -> str:
+    line = f"{what}: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)"
+    if summary.get("missing"):
+        line += f"; {summary['missing']} images of the list are left to the other shards"
+    return line
 
 
 def cmd_pseudo_masks(args) -> None:
-    from .infer import (
-        inference_device,
-        inference_fingerprint,
-        load_refiner,
-        refiner_predictor,
-        write_label_maps,
-    )
+    from .infer import pseudo_masks
 
-    cfg = _config(args)
-    split = args.split or cfg.data.split
-    samples = _split_samples(cfg, split)
-    device = inference_device()
-    predict = refiner_predictor(load_refiner(cfg, args.checkpoint), device)
-    summary = write_label_maps(
-        predict, samples, args.output, cfg.infer, device, inference_fingerprint(cfg, args.checkpoint, split),
-        use_labels=cfg.infer.label_filter, crf_params=cfg.infer.crf_params if cfg.infer.crf else None,
-        save_probs=args.save_probs, ignore_index=cfg.data.ignore_index, desc="pseudo-masks",
-    )
-    print(f"pseudo masks: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)")
+    summary = pseudo_masks(_config(args), args.checkpoint, args.output, split=args.split,
+                           save_probs=args.save_probs, shard=_shard(args))
+    if summary is not None:
+        print(_done_line("pseudo masks", summary))
 
 
 def _read_ids(path: str | None) -> list[str] | None:
@@ -133,8 +133,9 @@ def cmd_retrain(args) -> None:
 def cmd_predict(args) -> None:
     from .retrain import predict
 
-    summary = predict(_config(args), args.checkpoint, args.split, args.output, fmt=args.format)
-    print(f"predictions: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)")
+    summary = predict(_config(args), args.checkpoint, args.split, args.output, fmt=args.format, shard=_shard(args))
+    if summary is not None:
+        print(_done_line("predictions", summary))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="weights written by `weakclip train`")
     p.add_argument("--output", required=True)
     p.add_argument("--split", help="list name (default: data.split)")
-    p.add_argument("--save-probs", action="store_true", help="also keep float16 probabilities (reduced size)")
+    p.add_argument("--save-probs", action="store_true",
+                   help="also keep the CRF's input: background + the image's classes, float16, compressed")
+    _add_shard(p)
     p.set_defaults(func=cmd_pseudo_masks)
 
     p = sub.add_parser("evaluate", help="mIoU, per-class table, confusion matrix of label maps against ground truth")
@@ -211,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--format", choices=["png", "voc-test"], default="png",
                    help="voc-test: the VOC evaluation-server layout results/VOC2012/Segmentation/comp6_test_cls")
+    _add_shard(p)
     p.set_defaults(func=cmd_predict)
     return parser
 

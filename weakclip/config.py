@@ -135,7 +135,8 @@ class InferConfig:
     crf_params: CRFConfig = field(
         default_factory=lambda: CRFConfig(3.0, 3.0, 83.0, 5.0, 3.0, 10)
     )
-    crf_workers: int = 2
+    batch_size: int = 8  # windows per network call, across views and flips (speed only)
+    crf_workers: int | None = None  # CRF processes; null: the cores available to the process but one
     save_probs_size: int = 128  # --save-probs keeps float16 probabilities at this short side
 
 

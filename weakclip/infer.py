@@ -1,17 +1,29 @@
 """Inference shared by pseudo masks, validation during training and predictions of retrained segmenters:
-multi-scale x flip views, sliding windows, probabilities averaged over views, the Eq. 14 label filter, and
-the dense CRF in a pool of worker processes that runs while the next images are inferred.
+multi-scale x flip views, sliding windows batched across views, probabilities averaged over views, the
+Eq. 14 label filter, and the dense CRF in a pool of worker processes fed through a bounded queue while the
+next images are inferred.
+
+:func:`write_label_maps` runs at dataset scale: under ``torchrun`` every rank takes its share of the images
+on the GPU of its ``LOCAL_RANK``, independent jobs take theirs with a :class:`~weakclip.distributed.Shard`,
+and all of them fill one resumable, never-stale output folder whose manifest does not depend on who
+wrote which image.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import multiprocessing as mp
 import shutil
 import signal
-from collections.abc import Callable, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +36,27 @@ from .config import Config, CRFConfig, InferConfig
 from .crf import dense_crf_pydensecrf
 from .data.datasets import Sample, load_image
 from .data.masks import write_mask
+from .distributed import (
+    DistInfo,
+    Shard,
+    all_reduce_sum,
+    available_cores,
+    init_distributed,
+    launch_share,
+    run_once,
+)
 from .errors import WeakclipError
 from .fileio import atomic_path, write_text_atomic
 
 # images (B, 3, h, w) uint8 RGB -> logits (B, K, h', w') at any resolution (resized to the window here).
 Predictor = Callable[[Tensor], Tensor]
+
+# Collectives of an inference launch wait for the slowest rank's last images: far longer than training's.
+INFERENCE_TIMEOUT = timedelta(hours=12)
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+# A temporary file this old cannot belong to a live writer (one PNG or .npz takes well under a second).
+_ORPHAN_TMP_S = 600
 
 
 def view_size(h: int, w: int, short_side: int, scale: float) -> tuple[int, int]:
@@ -46,51 +74,81 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
-def slide_logits(predict: Predictor, images: Tensor, crop: int, stride: int) -> Tensor:
-    """images (B, 3, H, W) uint8 -> logits (B, K, H, W) averaged over crop x crop windows with ``stride``.
+def sliding_logits(predict: Predictor, views: Sequence[Tensor], crop: int, stride: int, batch_size: int
+                   ) -> Iterator[tuple[int, Tensor]]:
+    """Logits of each view averaged over its crop x crop windows with ``stride``, the windows of all views
+    run through ``predict`` in batches of up to ``batch_size`` windows of the same size.
 
-    An image smaller than the crop along a side is processed at its own size there (no padding).
+    views: (3, h_i, w_i) uint8 each. Yields (view index, logits (K, h_i, w_i) float32) as each view's last
+    window is done, so only the views with windows in flight hold an accumulator. A view smaller than the
+    crop along a side is processed at its own size there (no padding). Every window of a view has the same
+    size, so a batch mixes views of equal window size (the flips of a scale, the scales above the crop).
     """
-    _, _, h, w = images.shape
-    total = count = None
-    for y in window_starts(h, crop, stride):
-        for x in window_starts(w, crop, stride):
-            win = images[:, :, y : y + crop, x : x + crop]
-            logits = predict(win).float()
-            logits = F.interpolate(logits, size=win.shape[2:], mode="bilinear", align_corners=False)
-            if total is None:
-                total = logits.new_zeros(logits.shape[0], logits.shape[1], h, w)
-                count = logits.new_zeros(1, 1, h, w)
-            total[:, :, y : y + crop, x : x + crop] += logits
-            count[:, :, y : y + crop, x : x + crop] += 1
-    return total / count
+    if batch_size < 1:
+        raise WeakclipError(f"infer.batch_size: expected a positive integer, got {batch_size}")
+    pending: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # window size -> (view, y, x)
+    left = [0] * len(views)
+    sums: dict[int, tuple[Tensor, Tensor]] = {}  # view -> (logit sum, window count)
+
+    def run(batch: list[tuple[int, int, int]]) -> Iterator[tuple[int, Tensor]]:
+        wh, ww = views[batch[0][0]].shape[1:]
+        wh, ww = min(wh, crop), min(ww, crop)
+        wins = torch.stack([views[v][:, y : y + wh, x : x + ww] for v, y, x in batch])
+        logits = F.interpolate(predict(wins).float(), size=(wh, ww), mode="bilinear", align_corners=False)
+        for (v, y, x), win_logits in zip(batch, logits):
+            if v not in sums:
+                h, w = views[v].shape[1:]
+                sums[v] = (win_logits.new_zeros(win_logits.shape[0], h, w), win_logits.new_zeros(1, h, w))
+            total, count = sums[v]
+            total[:, y : y + wh, x : x + ww] += win_logits
+            count[:, y : y + wh, x : x + ww] += 1
+            left[v] -= 1
+            if left[v] == 0:
+                total, count = sums.pop(v)
+                yield v, total / count
+
+    for v, view in enumerate(views):
+        h, w = view.shape[1:]
+        size = (min(h, crop), min(w, crop))
+        windows = [(y, x) for y in window_starts(h, crop, stride) for x in window_starts(w, crop, stride)]
+        left[v] = len(windows)  # before any of them runs: a view is done when this reaches 0
+        for y, x in windows:
+            pending.setdefault(size, []).append((v, y, x))
+            if len(pending[size]) == batch_size:
+                yield from run(pending.pop(size))
+    for batch in pending.values():
+        yield from run(batch)
 
 
 @torch.no_grad()
 def multiscale_probs(predict: Predictor, image: np.ndarray, icfg: InferConfig, device: torch.device,
-                     scales: Sequence[float] | None = None, flip: bool | None = None) -> Tensor:
+                     scales: Sequence[float] | None = None, flip: bool | None = None,
+                     batch_size: int | None = None) -> Tensor:
     """image (H, W, 3) uint8 -> class probabilities (K, H, W) float32 on ``device``.
 
     Per view (scale x flip): sliding-window logits, resized to (H, W), softmax, un-flipped; the views'
-    probabilities are averaged.
+    probabilities are averaged. Windows go through the network ``batch_size`` at a time (default
+    ``icfg.batch_size``), across views; the result equals the one-window-at-a-time result up to float
+    rounding.
     """
     scales = icfg.scales if scales is None else scales
     flip = icfg.flip if flip is None else flip
     h, w = image.shape[:2]
     src = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(device).float()
-    total, views = None, 0
+    views, flipped = [], []
     for s in scales:
         vh, vw = view_size(h, w, icfg.short_side, s)
         x = F.interpolate(src, size=(vh, vw), mode="bilinear", align_corners=False, antialias=vh < h)
-        x = x.round().clamp(0, 255).to(torch.uint8)
-        batch = torch.cat([x, x.flip(-1)]) if flip else x  # both flips in one batch
-        logits = slide_logits(predict, batch, icfg.crop_size, icfg.stride)
-        probs = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)
-        if flip:
-            probs = torch.cat([probs[:1], probs[1:].flip(-1)])
-        total = probs.sum(0) if total is None else total + probs.sum(0)
-        views += probs.shape[0]
-    return total / views
+        x = x.round().clamp(0, 255).to(torch.uint8)[0]
+        views += [x, x.flip(-1)] if flip else [x]
+        flipped += [False, True] if flip else [False]
+    total = None
+    for v, logits in sliding_logits(predict, views, icfg.crop_size, icfg.stride, batch_size or icfg.batch_size):
+        probs = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0].softmax(0)
+        if flipped[v]:
+            probs = probs.flip(-1)
+        total = probs if total is None else total + probs
+    return total / len(views)
 
 
 def label_filter(probs: Tensor, labels: Sequence[int] | None, ignore_index: int = 255
@@ -110,6 +168,9 @@ def label_filter(probs: Tensor, labels: Sequence[int] | None, ignore_index: int 
     return keys, ~allowed[best]
 
 
+# -------------------------------------------------------------------------------------------- CRF pool
+
+
 def _finish(job: tuple) -> str:
     """Worker: CRF over the kept classes, label map, Eq. 14 marks, atomic PNG. Returns the image id."""
     sample_id, probs, keys, image, unknown, out_path, crf_params, ignore_index = job
@@ -126,6 +187,58 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def crf_worker_count(icfg: InferConfig) -> int:
+    """``icfg.crf_workers``, or when null the cores available to this process but one (the one that feeds
+    the network), at least 1."""
+    if icfg.crf_workers is not None:
+        if icfg.crf_workers < 0:
+            raise WeakclipError(f"infer.crf_workers: expected 0 or more (or null: auto), got {icfg.crf_workers}")
+        return icfg.crf_workers
+    return max(1, available_cores() - 1)
+
+
+class CRFPool:
+    """Finishes images (CRF, label map, PNG) in ``workers`` processes through a bounded queue.
+
+    :meth:`submit` returns at once while fewer than ``capacity`` jobs are in flight and otherwise waits
+    for the oldest: back-pressure keeps at most ``capacity`` images' probabilities in memory, and the
+    caller runs the network on the next image while the workers run CRFs. ``workers=0`` finishes each job
+    in the calling process.
+    """
+
+    def __init__(self, workers: int, capacity: int | None = None):
+        self.capacity = capacity or 2 * workers
+        self.pending: deque = deque()
+        self.pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint) if workers > 0 else None
+
+    def submit(self, job: tuple) -> list[str]:
+        """Queue one job; returns the ids of the images finished meanwhile (in submission order)."""
+        if self.pool is None:
+            return [_finish(job)]
+        self.pending.append(self.pool.apply_async(_finish, (job,)))
+        done = []
+        while len(self.pending) > self.capacity or (self.pending and self.pending[0].ready()):
+            done.append(self.pending.popleft().get())
+        return done
+
+    def drain(self) -> Iterator[str]:
+        """Ids of the remaining images as they finish."""
+        while self.pending:
+            yield self.pending.popleft().get()
+
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop the workers, first giving the jobs in flight up to ``wait_s`` seconds to finish."""
+        deadline = time.monotonic() + wait_s
+        for result in self.pending:
+            result.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+# ------------------------------------------------------------------------------------ output folder
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -134,14 +247,105 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _manifest_matches(out_dir: Path, manifest: dict) -> bool:
-    path = out_dir / "manifest.json"
-    if not path.is_file():
-        return False
+@contextlib.contextmanager
+def _folder_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the output folder, so that independent jobs starting together check and
+    reset it one after the other."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_manifest(out_dir: Path) -> dict | None:
     try:
-        return json.loads(path.read_text()) == manifest
-    except json.JSONDecodeError:
-        return False
+        return json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _remove_orphans(out_dir: Path, older_than: float) -> None:
+    """Temporary files (``.<name>.*.tmp.*``) left by killed writers, last written before ``older_than``."""
+    for sub in (out_dir, out_dir / "probs"):
+        for tmp in sub.glob(".*.tmp.*"):
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_mtime < older_than:
+                    tmp.unlink()
+
+
+def _is_done(out_dir: Path, sample_id: str, save_probs: bool) -> bool:
+    return (out_dir / f"{sample_id}.png").is_file() and (
+        not save_probs or (out_dir / "probs" / f"{sample_id}.npz").is_file())
+
+
+def _reset(folder: Path, manifest: dict, stale: Iterable[Path]) -> None:
+    """Remove ``stale`` when ``folder``'s manifest is not ``manifest``, then record ``manifest``."""
+    if _read_manifest(folder) == manifest:
+        return
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def _prepare_folder(out_dir: Path, manifest: dict, samples: Sequence[Sample], probs_size: int | None
+                    ) -> list[int]:
+    """Reset the folder when its manifest differs (``probs/`` alone when only ``probs_size`` does), check
+    that the images to do exist; returns their indices in ``samples``."""
+    with _folder_lock(out_dir):
+        _reset(out_dir, manifest, (*out_dir.glob("*.png"), out_dir / "probs", out_dir / SUMMARY))
+        if probs_size is not None:
+            probs = out_dir / "probs"
+            probs.mkdir(exist_ok=True)
+            _reset(probs, {"save_probs_size": probs_size}, (*probs.glob("*.npz"), out_dir / SUMMARY))
+        _remove_orphans(out_dir, time.time() - _ORPHAN_TMP_S)
+    save_probs = probs_size is not None
+    with ThreadPoolExecutor(8) as pool:  # stat calls on a network file system wait on the server
+        done = list(pool.map(lambda s: _is_done(out_dir, s.id, save_probs), samples))
+        todo = [i for i, d in enumerate(done) if not d]
+        exists = list(pool.map(lambda i: samples[i].image.is_file(), todo))
+    missing = [samples[i].image for i, ok in zip(todo, exists) if not ok]
+    if missing:
+        raise WeakclipError(f"{missing[0]}: image not found ({len(missing)} of the listed images are missing)")
+    return todo
+
+
+def _prefetch(load: Callable[[Sample], np.ndarray], samples: Sequence[Sample], ahead: int = 2
+              ) -> Iterator[tuple[Sample, np.ndarray]]:
+    """(sample, load(sample)) in order, decoding the next images in a thread while the caller works."""
+    with ThreadPoolExecutor(1) as pool:
+        queue: deque = deque()
+        for sample in samples:
+            queue.append((sample, pool.submit(load, sample)))
+            if len(queue) > ahead:
+                first, future = queue.popleft()
+                yield first, future.result()
+        while queue:
+            first, future = queue.popleft()
+            yield first, future.result()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (Slurm's time limit, torchrun stopping a launch) stops like Ctrl-C: files in flight finish."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def write_label_maps(
@@ -149,7 +353,7 @@ def write_label_maps(
     samples: Sequence[Sample],
     out_dir: str | Path,
     icfg: InferConfig,
-    device: torch.device,
+    info: DistInfo,
     fingerprint: dict,
     use_labels: bool,
     crf_params: CRFConfig | None,
@@ -157,85 +361,105 @@ def write_label_maps(
     ignore_index: int = 255,
     progress: bool = True,
     desc: str = "infer",
+    shard: Shard | None = None,
 ) -> dict:
-    """Write one palette PNG per sample into ``out_dir``; resumable and never stale.
+    """Write one palette PNG per sample into ``out_dir``: resumable, never stale, shardable.
 
-    ``fingerprint`` (checkpoint hash and every setting that changes the output) is stored in
-    ``manifest.json``: a rerun with the same fingerprint skips finished images; any difference clears the
-    folder's old outputs first. CRFs run in ``icfg.crf_workers`` processes while the model infers the
-    next images, so full-resolution probabilities never touch the disk (``save_probs`` keeps float16
-    copies at ``icfg.save_probs_size`` short side in ``probs/``).
+    Every process of a launch (``info``) calls this with the same ``samples``; an independent job of a
+    job array passes its ``shard``. The job's share (``shard.take(samples)``) minus the images already
+    done is split between the ranks, so any mix of launches and shards fills the folder, and a rerun
+    with another process count does only what is missing.
+
+    ``fingerprint`` (checkpoint hash and every setting that changes the output, never the list or the
+    share) is stored in ``manifest.json``: a folder with another manifest is cleared first. CRFs run in
+    :func:`crf_worker_count` processes (:class:`CRFPool`) while the network infers the next images, so
+    full-resolution probabilities never touch the disk; ``save_probs`` keeps, in ``probs/<id>.npz``, the
+    CRF's input (background + the image's classes, or the classes present without a label filter) as
+    float16 at ``icfg.save_probs_size`` short side, with their class indices and the Eq. 14 marks.
+
+    When every sample is done, the main process writes ``summary.json``. Returns {"output", "written",
+    "skipped" (this launch), "missing" (images of ``samples`` still to do, by other shards)}.
     """
     out_dir = Path(out_dir)
-    manifest = {"format": 1, **fingerprint, "label_filter": use_labels, "crf": crf_params is not None}
-    if not _manifest_matches(out_dir, manifest):
-        for stale in (*out_dir.glob("*.png"), out_dir / "probs"):
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            elif stale.exists():
-                stale.unlink()
-        write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    todo = [s for s in samples if not (out_dir / f"{s.id}.png").is_file()]
-    skipped = len(samples) - len(todo)
-    pool = None
-    if crf_params is not None and icfg.crf_workers > 0 and todo:
-        pool = mp.get_context("spawn").Pool(icfg.crf_workers, initializer=_ignore_sigint)
-    pending: list = []
-    bar = tqdm(total=len(samples), initial=skipped, desc=desc, disable=not progress, dynamic_ncols=True)
+    shard = shard or Shard()
+    started = time.time()
+    manifest = {"format": 2, **fingerprint, "label_filter": use_labels, "crf": crf_params is not None}
+    share = shard.take(samples)
+    probs_size = icfg.save_probs_size if save_probs else None
+    todo = run_once(lambda: _prepare_folder(out_dir, manifest, share, probs_size), info)
+    mine = [share[i] for i in launch_share(info).take(todo)]
+    workers = crf_worker_count(icfg) if crf_params is not None else 0
+    pool = CRFPool(workers if mine else 0)
+    bar = tqdm(total=len(mine), desc=desc if info.world_size == 1 else f"{desc} (rank 0 of {info.world_size})",
+               disable=not (progress and info.is_main), dynamic_ncols=True)
     try:
-        for sample in todo:
-            image = load_image(sample.image)
-            probs = multiscale_probs(predict, image, icfg, device)
-            keys, unknown = label_filter(probs, sample.labels if use_labels else None)
-            kept = probs[keys]
-            kept = (kept / kept.sum(0, keepdim=True).clamp_min(1e-12)).cpu().numpy().astype(np.float32)
-            if save_probs:
-                _save_probs(out_dir / "probs" / f"{sample.id}.npz", probs, icfg.save_probs_size)
-            job = (sample.id, kept, keys, image, unknown.cpu().numpy(), out_dir / f"{sample.id}.png",
-                   crf_params, ignore_index)
-            if pool is None:
-                _finish(job)
+        with _sigterm_as_interrupt():
+            for sample, image in _prefetch(lambda s: load_image(s.image), mine):
+                probs = multiscale_probs(predict, image, icfg, info.device)
+                keys, unknown = label_filter(probs, sample.labels if use_labels else None)
+                kept = probs[keys]
+                kept = kept / kept.sum(0, keepdim=True).clamp_min(1e-12)
+                if save_probs:
+                    _save_probs(out_dir / "probs" / f"{sample.id}.npz", kept, keys, unknown, icfg.save_probs_size)
+                job = (sample.id, kept.cpu().numpy().astype(np.float32), keys, image, unknown.cpu().numpy(),
+                       out_dir / f"{sample.id}.png", crf_params, ignore_index)
+                bar.update(len(pool.submit(job)))
+            for _ in pool.drain():
                 bar.update(1)
-                continue
-            pending.append(pool.apply_async(_finish, (job,)))
-            while len(pending) > 2 * icfg.crf_workers or (pending and pending[0].ready()):
-                pending.pop(0).get()
-                bar.update(1)
-        for result in pending:
-            result.get()
-            bar.update(1)
     except KeyboardInterrupt:
-        for result in pending:  # keep what was inferred: its CRF takes a moment, redoing it takes longer
-            result.wait(timeout=60)
+        pool.close(wait_s=60)  # keep what was inferred: its CRF takes a moment, redoing it takes longer
         raise
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    return {"written": len(todo), "skipped": skipped, "output": str(out_dir)}
+        pool.close()
+    counts = all_reduce_sum(torch.tensor([len(mine)], device=info.device), info)  # also waits for every rank
+    result = {"output": str(out_dir), "written": int(counts[0]), "skipped": len(share) - len(todo)}
+    if info.is_main:
+        seconds = time.time() - started
+        run = {"written": result["written"], "skipped": result["skipped"], "processes": info.world_size,
+               "shard": str(shard), "crf_workers": workers, "seconds": round(seconds, 1),
+               "images_per_s": round(result["written"] / seconds, 3)}
+        result["missing"] = _summarize(out_dir, samples, save_probs, run, started)
+    return result
 
 
-def _save_probs(path: Path, probs: Tensor, short: int) -> None:
-    h, w = probs.shape[1:]
+def _summarize(out_dir: Path, samples: Sequence[Sample], save_probs: bool, run: dict, started: float) -> int:
+    """Count the images of ``samples`` still missing; with none, write ``summary.json`` (the list's size
+    and this ``run``'s figures) and remove what killed writers left."""
+    with ThreadPoolExecutor(8) as pool:
+        missing = sum(not d for d in pool.map(lambda s: _is_done(out_dir, s.id, save_probs), samples))
+    if missing == 0:
+        _remove_orphans(out_dir, started)
+        write_text_atomic(out_dir / SUMMARY, json.dumps({"images": len(samples), "last_run": run}, indent=1) + "\n")
+    return missing
+
+
+def _save_probs(path: Path, kept: Tensor, keys: Sequence[int], unknown: Tensor, short: int) -> None:
+    """kept (len(keys), H, W) -> ``path`` (.npz): probs float16 at ``short`` short side, classes, unknown."""
+    h, w = kept.shape[1:]
     r = min(1.0, short / min(h, w))
-    small = F.interpolate(probs[None], size=(max(1, round(h * r)), max(1, round(w * r))), mode="bilinear",
-                          align_corners=False)[0]
+    size = (max(1, round(h * r)), max(1, round(w * r)))
+    small = F.interpolate(kept[None], size=size, mode="bilinear", align_corners=False)[0]
+    marks = F.interpolate(unknown[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, probs=small.cpu().numpy().astype(np.float16))
+        np.savez_compressed(f, probs=small.cpu().numpy().astype(np.float16),
+                            classes=np.asarray(keys, dtype=np.int16), unknown=marks.cpu().numpy())
 
 
-def inference_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+# ------------------------------------------------------------------------------------------- models
 
 
 def refiner_predictor(model: torch.nn.Module, device: torch.device) -> Predictor:
-    """A WeakCLIP model as a Predictor (bf16 autocast on GPUs)."""
+    """A WeakCLIP model as a Predictor (bf16 autocast on GPUs). The class embeddings, which do not depend
+    on the image, are computed at the first call and reused for every later window."""
     model.to(device).eval()
+    text: list[Tensor] = []
 
     def predict(images: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return model(images)["logits"]
+            if not text:
+                text.append(model.text())
+            return model(images, text=text[0])["logits"]
 
     return predict
 
@@ -252,22 +476,46 @@ def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
     return model
 
 
-def inference_fingerprint(cfg: Config, checkpoint: str | Path, split: str) -> dict:
-    """Everything that changes a label map: the checkpoint's bytes, the classes and the inference settings."""
-    infer = {k: v for k, v in cfg.infer.__dict__.items() if k not in ("crf_workers", "save_probs_size")}
-    return {"checkpoint_sha256": file_sha256(checkpoint), "split": split, "classes": cfg.data.class_names,
+def inference_fingerprint(cfg: Config, checkpoint: str | Path) -> dict:
+    """Everything that changes a label map: the checkpoint's bytes, the classes, the data and the inference
+    settings. Not the list, nor the batch size or worker counts, which change only the speed."""
+    if not Path(checkpoint).is_file():
+        raise WeakclipError(f"{checkpoint}: checkpoint not found")
+    speed_only = ("crf_workers", "save_probs_size", "batch_size")
+    infer = {k: v for k, v in cfg.infer.__dict__.items() if k not in speed_only}
+    return {"checkpoint_sha256": file_sha256(checkpoint), "classes": cfg.data.class_names,
             "data_root": str(Path(cfg.data.root).resolve()),
             "infer": json.loads(json.dumps(infer, default=lambda o: o.__dict__))}
 
 
-def validator(cfg: Config, info) -> Callable[[torch.nn.Module], dict[str, float]]:
+def pseudo_masks(cfg: Config, checkpoint: str | Path, output: str | Path, split: str | None = None,
+                 save_probs: bool = False, shard: Shard | None = None, info: DistInfo | None = None
+                 ) -> dict | None:
+    """``weakclip pseudo-masks``: the refiner's label maps of ``split`` (default ``cfg.data.split``) with the
+    Eq. 14 filter (``infer.label_filter``) and the CRF (``infer.crf``), into ``output`` (see
+    :func:`write_label_maps`). Under torchrun every rank calls it; listing, label reading and hashing run
+    on rank 0 only. Returns the summary on the main process, None on the others."""
+    from .data.datasets import list_samples
+
+    info = info or init_distributed(INFERENCE_TIMEOUT)
+    split = split or cfg.data.split
+    samples, fingerprint = run_once(
+        lambda: (list_samples(cfg.data, split, need_seeds=False), inference_fingerprint(cfg, checkpoint)), info)
+    predict = refiner_predictor(load_refiner(cfg, checkpoint), info.device)
+    summary = write_label_maps(
+        predict, samples, output, cfg.infer, info, fingerprint, use_labels=cfg.infer.label_filter,
+        crf_params=cfg.infer.crf_params if cfg.infer.crf else None, save_probs=save_probs,
+        ignore_index=cfg.data.ignore_index, desc="pseudo-masks", shard=shard)
+    return summary if info.is_main else None
+
+
+def validator(cfg: Config, info: DistInfo) -> Callable[[torch.nn.Module], dict[str, float]]:
     """Single-scale, no-flip, no-CRF mIoU on ``cfg.data.val_split`` (each rank scores its share)."""
     from .data.datasets import list_samples
-    from .distributed import all_reduce_sum
     from .metrics import ConfusionMeter
 
     samples = list_samples(cfg.data, cfg.data.val_split, need_seeds=False, need_gt=True)
-    mine = samples[info.rank :: info.world_size]
+    mine = launch_share(info).take(samples)
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
         predict = refiner_predictor(model, info.device)

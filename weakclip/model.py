@@ -287,11 +287,15 @@ class WeakCLIP(nn.Module):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """images (B, 3, H, W) RGB 0..255 -> {"logits": (B, K, ceil(H/4), ceil(W/4)), "score_map": (B, K, h, w)}."""
+    def forward(self, images: Tensor, text: Tensor | None = None) -> dict[str, Tensor]:
+        """images (B, 3, H, W) RGB 0..255 -> {"logits": (B, K, ceil(H/4), ceil(W/4)), "score_map": (B, K, h, w)}.
+
+        ``text``: the class embeddings (K, D) of ``self.text()``, which do not depend on the images; pass
+        them to reuse one computation over many forwards (inference), else they are computed here.
+        """
         x = (images.float() - self.mean) / self.std
         feats = self.visual(x)
-        text = self.text().unsqueeze(0).expand(x.shape[0], -1, -1)
+        text = (self.text() if text is None else text).unsqueeze(0).expand(x.shape[0], -1, -1)
         dense = feats.dense
         if self.co_attention is not None:
             b, d, h, w = dense.shape

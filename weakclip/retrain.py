@@ -28,13 +28,13 @@ from .clip import IMAGENET_MEAN, IMAGENET_STD
 from .config import Config, config_from_dict, dump_config
 from .data.datasets import Sample, SegDataset, list_samples, preflight
 from .data.transforms import TrainTransform
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, Shard, init_distributed, run_once
 from .engine import LoopSpec, load_weights, poly, read_header, train_loop
 from .errors import WeakclipError
 from .fileio import write_text_atomic
 from .infer import (
+    INFERENCE_TIMEOUT,
     Predictor,
-    inference_device,
     inference_fingerprint,
     load_refiner,
     refiner_predictor,
@@ -217,28 +217,34 @@ def _voc_test_layout(labels_dir: Path, ids: Sequence[str], output: Path) -> Path
     return dest
 
 
-def predict(cfg: Config, checkpoint: str | Path, split: str, output: str | Path, fmt: str = "png") -> dict:
+def predict(cfg: Config, checkpoint: str | Path, split: str, output: str | Path, fmt: str = "png",
+            shard: Shard | None = None, info: DistInfo | None = None) -> dict | None:
     """Label maps of ``split`` with ``cfg.infer`` (multi-scale + flip, sliding windows, dense CRF when
-    ``infer.crf``), no label filter. Resumable (see ``write_label_maps``).
+    ``infer.crf``), no label filter. Resumable and shardable (see ``write_label_maps``): under torchrun
+    every rank calls it; listing and hashing run on rank 0 only.
 
     ``fmt="png"``: ``output/<id>.png`` (VOC-palette PNGs, ready for ``weakclip evaluate``).
     ``fmt="voc-test"``: ``output/results/VOC2012/Segmentation/comp6_test_cls/<id>.png`` and nothing else
-    there (archive ``results/`` for the evaluation server); the resumable working copy with its manifest
-    stays in ``output/labels``. Returns {"output", "written", "skipped"}.
+    there (archive ``results/`` for the evaluation server), laid out once every image is done; the
+    resumable working copy with its manifest stays in ``output/labels``. Returns {"output", "written",
+    "skipped", "missing"} on the main process, None on the others.
     """
     if fmt not in FORMATS:
         raise WeakclipError(f"predict: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     output = Path(output)
-    device = inference_device()
-    predictor = load_predictor(cfg, checkpoint, device)
-    samples = split_samples(cfg, split)
+    info = info or init_distributed(INFERENCE_TIMEOUT)
+    samples, fingerprint = run_once(lambda: (split_samples(cfg, split), inference_fingerprint(cfg, checkpoint)),
+                                    info)
+    predictor = load_predictor(cfg, checkpoint, info.device)
     labels_dir = output / "labels" if fmt == "voc-test" else output
     summary = write_label_maps(
-        predictor, samples, labels_dir, cfg.infer, device, inference_fingerprint(cfg, checkpoint, split),
+        predictor, samples, labels_dir, cfg.infer, info, fingerprint,
         use_labels=False, crf_params=cfg.infer.crf_params if cfg.infer.crf else None,
-        ignore_index=cfg.data.ignore_index, desc="predict",
+        ignore_index=cfg.data.ignore_index, desc="predict", shard=shard,
     )
+    if not info.is_main:
+        return None
     write_text_atomic(output / "config.yaml", dump_config(cfg))
-    if fmt == "voc-test":
+    if fmt == "voc-test" and not summary["missing"]:
         summary["output"] = str(_voc_test_layout(labels_dir, [s.id for s in samples], output))
     return summary

@@ -118,12 +118,18 @@ def test_loss_is_the_mean_over_unignored_pixels():
     assert empty.item() == 0.0
 
 
-def test_predict_voc_test_layout(voc_sample, tmp_path):
-    root, ids = tiny_root(voc_sample, tmp_path, split="test")
-    cfg = small_cfg(root)
+def segmenter_checkpoint(cfg, tmp_path: Path) -> Path:
+    """A randomly initialised segmenter saved as ``weakclip retrain`` saves it."""
     torch.manual_seed(0)
     ckpt = tmp_path / "segmenter.safetensors"
     save_weights(ckpt, build_segmenter(cfg.retrain, cfg.num_classes), checkpoint_metadata(cfg, tmp_path))
+    return ckpt
+
+
+def test_predict_voc_test_layout(voc_sample, tmp_path):
+    root, ids = tiny_root(voc_sample, tmp_path, split="test")
+    cfg = small_cfg(root)
+    ckpt = segmenter_checkpoint(cfg, tmp_path)
     out = tmp_path / "pred"
     summary = predict(cfg, ckpt, "test", out, fmt="voc-test")
     results = out / VOC_TEST_DIR
@@ -141,9 +147,7 @@ def test_predict_shards_fill_one_folder_and_lay_out_the_test_server_files_once(v
 
     root, ids = tiny_root(voc_sample, tmp_path, split="test")
     cfg = small_cfg(root)
-    torch.manual_seed(0)
-    ckpt = tmp_path / "segmenter.safetensors"
-    save_weights(ckpt, build_segmenter(cfg.retrain, cfg.num_classes), checkpoint_metadata(cfg, tmp_path))
+    ckpt = segmenter_checkpoint(cfg, tmp_path)
     predict(cfg, ckpt, "test", tmp_path / "one")
     out = tmp_path / "sharded"
     first = predict(cfg, ckpt, "test", out, fmt="voc-test", shard=Shard(0, 2))

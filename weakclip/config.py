@@ -76,6 +76,39 @@ class CRFConfig:
     iters: int = 10
 
 
+# CLIP-ES's background words and class-name synonyms (released code, VOC lists; COCO in configs/coco.yaml).
+CLIP_ES_VOC_BACKGROUND = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea", "railway",
+    "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock", "street", "valley",
+    "bridge", "sign",
+)
+CLIP_ES_VOC_PROMPT_NAMES = {
+    "bird": "bird avian", "chair": "chair seat", "person": "person with clothes,people,human",
+    "tvmonitor": "tvmonitor screen",
+}
+
+
+@dataclass
+class SeedsConfig:
+    """CLIP-ES seeds from image-level labels (``weakclip seeds``) on the frozen ``model.clip``."""
+
+    method: str = "clip-es"
+    released: bool = False  # true: the released code's numbers, its box-clamp and CRF-colour bugs included
+    template: str = "a clean origami {}."
+    # Class name -> the words its prompt uses (synonyms in one string, as released); others as named.
+    prompt_names: dict[str, str] = field(default_factory=lambda: dict(CLIP_ES_VOC_PROMPT_NAMES))
+    background: list[str] = field(default_factory=lambda: list(CLIP_ES_VOC_BACKGROUND))
+    box_threshold: float = 0.4  # CAA boxes: CAM > threshold * max (released: 0.4 VOC, 0.7 COCO)
+    caa_layers: int = 8  # attention of the last N blocks
+    sinkhorn_iters: int = 3
+    crf: bool = True
+    crf_params: CRFConfig = field(default_factory=lambda: CRFConfig(1.0, 3.0, 67.0, 3.0, 4.0, 10))
+    confidence: float = 0.95  # CRF confidence below this -> ignore (255)
+    bg_power: float = 1.0  # without CRF: background score (1 - max CAM)^power
+    precision: str = "fp32"  # "fp32", "fp16" or "bf16" (the released code runs fp16 on GPUs)
+    crf_workers: int = 2
+
+
 @dataclass
 class LossConfig:
     seed_weight: float = 1.0
@@ -171,6 +204,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    seeds: SeedsConfig = field(default_factory=SeedsConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     @property

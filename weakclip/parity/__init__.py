@@ -76,13 +76,15 @@ def register_checker(kind: str) -> Callable[[Checker], Checker]:
 
 
 def fixture_kind(config: dict) -> str:
-    """``'weakclip'`` or ``'clip-es'``, from the released repository recorded in the fixture's config."""
-    repo = str(config.get("official", {}).get("repo", "")).lower()
+    """``'weakclip'`` or ``'clip-es'``, from the released repository recorded in the fixture's config
+    (under ``official`` or ``source``)."""
+    origin = config.get("official") or config.get("source") or {}
+    repo = str(origin.get("repo", "")).lower() if isinstance(origin, dict) else ""
     if "weakclip" in repo:
         return "weakclip"
     if "clip-es" in repo:
         return "clip-es"
-    raise WeakclipError(f"unknown parity fixture: official.repo is {repo!r}")
+    raise WeakclipError(f"unknown parity fixture: its released repository is {repo!r}")
 
 
 def check_fixture(fixture: str | Path) -> ParityReport:

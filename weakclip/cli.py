@@ -76,6 +76,13 @@ def cmd_pseudo_masks(args) -> None:
         print(_done_line("pseudo masks", summary))
 
 
+def cmd_seeds(args) -> None:
+    from .seeds import write_seeds
+
+    summary = write_seeds(_config(args), args.output, split=args.split, keep_cams=args.save_cams)
+    print(f"seeds: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)")
+
+
 def _read_ids(path: str | None) -> list[str] | None:
     """Ids from a list file (first word of each non-empty line), or None when no file is given."""
     if path is None:
@@ -164,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep the CRF's input: background + the image's classes, float16, compressed")
     _add_shard(p)
     p.set_defaults(func=cmd_pseudo_masks)
+
+    p = sub.add_parser("seeds", help="CLIP-ES seeds from image-level labels alone (frozen CLIP, no training)")
+    _add_config(p)
+    p.add_argument("--output", required=True, help="folder of seed PNGs, usable as data.seeds_dir")
+    p.add_argument("--split", help="list name (default: data.split)")
+    p.add_argument("--save-cams", action="store_true",
+                   help="also keep the float16 CAMs of each image's classes in OUTPUT/cams/<id>.npz")
+    p.set_defaults(func=cmd_seeds)
 
     p = sub.add_parser("evaluate", help="mIoU, per-class table, confusion matrix of label maps against ground truth")
     p.add_argument("--pred", required=True)

@@ -53,15 +53,17 @@ def _cv2():
 # ------------------------------------------------------------------------------------------------- text
 
 
-def prompt_tokens(texts: Sequence[str], context_length: int, what: str = "seeds.template") -> Tensor:
-    """CLIP BPE tokens (N, context_length) of ``texts``; a text that does not fit is an error, not cut."""
+def prompt_tokens(prompts: Sequence[str], context_length: int, names: Sequence[str] | None = None) -> Tensor:
+    """CLIP BPE tokens (N, context_length) of ``prompts``; a prompt that does not fit is an error, not cut."""
     tokenizer = open_clip.tokenizer.SimpleTokenizer()
-    out = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for i, text in enumerate(texts):
+    out = torch.zeros(len(prompts), context_length, dtype=torch.long)
+    for i, text in enumerate(prompts):
         ids = [tokenizer.sot_token_id, *tokenizer.encode(text), tokenizer.eot_token_id]
         if len(ids) > context_length:
-            raise WeakclipError(f"{what}: the prompt {text!r} is {len(ids)} tokens but CLIP's text context "
-                                f"holds {context_length} (shorten the class name or the template)")
+            name = f"class {names[i]!r}" if names else f"prompt {text!r}"
+            raise WeakclipError(f"seeds: {name}: its prompt {text!r} is {len(ids)} tokens but CLIP's text "
+                                f"context holds {context_length} (shorten the name, seeds.prompt_names or "
+                                f"seeds.template)")
         out[i, : len(ids)] = torch.tensor(ids)
     return out
 
@@ -91,13 +93,13 @@ def text_features(model: nn.Module, tokens: Tensor, exact: bool = False) -> Tens
     return feats / feats.norm(dim=-1, keepdim=True)  # the template mean (of one) is normalised again
 
 
-def class_prompts(class_names: Sequence[str], cfg: SeedsConfig) -> list[str]:
-    """Prompts of the foreground classes (class_names[1:]) and then of the background words."""
-    names = [cfg.prompt_names.get(name, name) for name in class_names[1:]] + list(cfg.background)
-    try:
-        return [cfg.template.format(name) for name in names]
-    except (IndexError, KeyError):
-        raise WeakclipError(f"seeds.template: {cfg.template!r} must hold one '{{}}' for the class name") from None
+def class_prompts(class_names: Sequence[str], cfg: SeedsConfig) -> tuple[list[str], list[str]]:
+    """Names and prompts of the foreground classes (class_names[1:]), then of the background words."""
+    names = list(class_names[1:]) + list(cfg.background)
+    words = [cfg.prompt_names.get(name, name) for name in class_names[1:]] + list(cfg.background)
+    if cfg.template.count("{}") != 1:
+        raise WeakclipError(f"seeds.template: {cfg.template!r} must hold one '{{}}' for the class name")
+    return names, [cfg.template.replace("{}", w) for w in words]
 
 
 # ------------------------------------------------------------------------------------------------ image
@@ -274,10 +276,10 @@ def box_mask(boxes: Sequence[tuple[int, int, int, int]], h: int, w: int) -> Tens
     return mask.reshape(-1)
 
 
-def upsample(cams: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(K, h, w) -> (K, height, width) float32: min-max, then OpenCV's bilinear resize."""
+def resize(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(K, h, w) float32 -> (K, height, width) with OpenCV's bilinear resize (as released)."""
     cv2 = _cv2()
-    return np.stack([cv2.resize(c, (width, height)) for c in _minmax(cams)]).astype(np.float32)
+    return np.stack([cv2.resize(m, (width, height)) for m in maps]).astype(np.float32)
 
 
 # -------------------------------------------------------------------------------------------- the method
@@ -310,7 +312,8 @@ class ClipES:
         depth = len(model.visual.transformer.resblocks)
         self.attn_from = max(0, depth - cfg.caa_layers)
         context = int(getattr(model, "context_length", 77))
-        self.tokens = prompt_tokens(class_prompts(class_names, cfg), context).to(self.device)
+        names, prompts = class_prompts(class_names, cfg)
+        self.tokens = prompt_tokens(prompts, context, names).to(self.device)
         self.text = text_features(model, self.tokens, exact=cfg.released)  # (K_fg + B, D)
         self.num_fg = len(class_names) - 1
 
@@ -352,13 +355,13 @@ class ClipES:
         masks = torch.stack([box_mask(b, gh, gw) for b in boxes])
         refined = torch.stack([(trans * masks[i]) @ torch.from_numpy(raw[i]).reshape(-1, 1)
                                for i in range(k)]).reshape(k, gh, gw).numpy()
-        highres = upsample(refined, h0, w0)
+        highres = resize(_minmax(refined), h0, w0)
         if trace is not None:
             trace.update(
                 input=pixels, tokens_before_last_block=tokens[0], attn_layers=[*attns, last.attention],
                 probs=last.probs, image_embed=last.image_embed, activation=last.activation,
                 grads=last.grads, cam_raw=raw, boxes=boxes, affinity=aff, trans_mat=trans, aff_mask=masks,
-                cam_refined=refined, cam_refined_highres=highres,
+                cam_refined=refined, cam_refined_highres=highres, cam_raw_highres=resize(raw, h0, w0),
                 pos_embed=positional_embedding(self.model.visual, gh, gw, cfg.released))
         return highres.astype(np.float16)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,3 +33,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def reset_if_stale(out_dir: str | os.PathLike, manifest: dict, outputs: tuple[str, ...]) -> None:
+    """Keep ``out_dir``'s outputs only if its ``manifest.json`` equals ``manifest``.
+
+    Otherwise delete the entries matching the glob patterns ``outputs`` (files or folders) and write the
+    new manifest, so a folder never mixes outputs of different inputs or settings.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / "manifest.json"
+    try:
+        if json.loads(path.read_text()) == json.loads(json.dumps(manifest)):
+            return
+    except (OSError, json.JSONDecodeError):
+        pass
+    for pattern in outputs:
+        for stale in out_dir.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+    write_text_atomic(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -114,6 +114,7 @@ def check_clip_es(fixture: Path, config: dict, report: ParityReport) -> None:
         report.close(f"{img}.probs", t["probs"], r["probs"], TOL_F32, 0)
         report.close(f"{img}.image_embed", t["image_embed"], r["image_embed"], TOL_F32, 0)
         report.close(f"{img}.cam_raw", t["cam_raw"], r["cam_raw"], TOL_F32, 0)
+        report.close(f"{img}.cam_raw_highres", t["cam_raw_highres"], r["cam_raw_highres"], TOL_F32, 0)
         report.equal(f"{img}.box_counts", np.asarray([len(b) for b in t["boxes"]], np.int32), r["box_counts"])
         report.equal(f"{img}.boxes", _padded_boxes(t["boxes"], r["boxes"].shape[1]), r["boxes"])
         report.close(f"{img}.affinity", t["affinity"], r["affinity"], TOL_F32, 0)

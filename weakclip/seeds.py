@@ -1,0 +1,140 @@
+"""``weakclip seeds``: CLIP-ES seeds for every listed image from its image-level labels alone.
+
+Writes ``<output>/<id>.png`` class-index PNGs (255 where the CRF is not confident), the format ``weakclip
+train`` reads as ``data.seeds_dir``, and with ``save_cams`` the float16 CAMs of the image's classes in
+``<output>/cams/<id>.npz``. Resumable and never stale: ``manifest.json`` records the CLIP weights, the
+labels and every setting that changes a seed; a rerun with the same manifest skips finished images, any
+difference clears the old outputs first. Dense CRFs run in worker processes while CLIP works on the next
+images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .clip import load_clip
+from .clip_es import ClipES, crf_seed, seed_without_crf
+from .config import Config
+from .data.datasets import Sample, list_samples, load_image
+from .data.masks import write_mask
+from .errors import WeakclipError
+from .fileio import atomic_path, reset_if_stale
+
+METHODS = ("clip-es",)
+
+
+def _labels_source(cfg: Config) -> str:
+    if cfg.data.kind == "folder":
+        return str(Path(cfg.data.root) / "labels.json|labels.csv")
+    return str(Path(cfg.data.root) / cfg.data.labels_file) if cfg.data.labels_file else "data.labels_file"
+
+
+def seed_samples(cfg: Config, split: str | None = None) -> list[Sample]:
+    """The split's samples with their image-level labels; an image without labels is an error (one line)."""
+    if cfg.seeds.method not in METHODS:
+        raise WeakclipError(f"seeds.method: unknown seed method {cfg.seeds.method!r} (choose from "
+                            f"{', '.join(METHODS)})")
+    samples = list_samples(cfg.data, split, need_seeds=False)
+    for s in samples:
+        if not s.labels:
+            raise WeakclipError(f"{_labels_source(cfg)}: {s.id}: no image-level label (seeds need at least one "
+                                f"class per image; set data.labels_file to the image-level labels)")
+    return samples
+
+
+def _clip_identity(cfg: Config) -> dict:
+    clip = dataclasses.asdict(cfg.model.clip)
+    path = clip["pretrained"]
+    if path is not None and os.path.isfile(path):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        clip["pretrained_sha256"] = h.hexdigest()
+    return clip
+
+
+def seeds_manifest(cfg: Config, split: str, samples: Sequence[Sample], save_cams: bool) -> dict:
+    """Everything that changes a seed: CLIP and its weights, classes, labels, data and the seeds settings."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.seeds).items() if k != "crf_workers"}
+    labels = json.dumps([[s.id, list(s.labels)] for s in samples])
+    return {"format": 1, "kind": "seeds", "clip": _clip_identity(cfg), "seeds": settings, "split": split,
+            "classes": cfg.data.class_names, "data_root": str(Path(cfg.data.root).resolve()),
+            "labels_sha256": hashlib.sha256(labels.encode()).hexdigest(), "save_cams": save_cams}
+
+
+def _finish(job: tuple) -> str:
+    """Worker: the CRF seed (or the plain argmax seed) of one image, written atomically. Returns its id."""
+    sample_id, cams, image_path, labels, settings, ignore_index, out_path = job
+    if settings.crf:
+        seed = crf_seed(cams, load_image(image_path), labels, settings, ignore_index)
+    else:
+        seed = seed_without_crf(cams, labels, settings.bg_power)
+    write_mask(out_path, seed)
+    return sample_id
+
+
+def save_cams(path: Path, cams: np.ndarray, labels: Sequence[int]) -> None:
+    """``cams`` (K, H, W) float16 and ``classes`` (K,) the class index of each map, in one .npz."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, cams=cams.astype(np.float16), classes=np.asarray(labels, dtype=np.int64))
+
+
+def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_cams: bool = False,
+                progress: bool = True, method: ClipES | None = None) -> dict:
+    """Seeds for every image of ``split`` (default ``data.split``) into ``output``; returns a summary."""
+    from .infer import _ignore_sigint, inference_device
+
+    split = split or cfg.data.split
+    samples = seed_samples(cfg, split)
+    out = Path(output)
+    reset_if_stale(out, seeds_manifest(cfg, split, samples, keep_cams), ("*.png", "cams"))
+    todo = [s for s in samples if not (out / f"{s.id}.png").is_file()]
+    summary = {"written": len(todo), "skipped": len(samples) - len(todo), "output": str(out)}
+    if not todo:
+        return summary
+    if method is None:
+        method = ClipES(load_clip(cfg.model.clip), cfg.data.class_names, cfg.seeds, inference_device())
+    workers = cfg.seeds.crf_workers if cfg.seeds.crf else 0
+    pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint) if workers > 0 else None
+    pending: list = []
+    bar = tqdm(total=len(samples), initial=summary["skipped"], desc="seeds", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for s in todo:
+            labels = method.check_labels(s.labels, f"{_labels_source(cfg)}: {s.id}")
+            cams = method.cams(load_image(s.image), labels)
+            if keep_cams:
+                save_cams(out / "cams" / f"{s.id}.npz", cams, labels)
+            job = (s.id, cams, s.image, labels, cfg.seeds, cfg.data.ignore_index, out / f"{s.id}.png")
+            if pool is None:
+                _finish(job)
+                bar.update(1)
+                continue
+            pending.append(pool.apply_async(_finish, (job,)))
+            while len(pending) > 2 * workers or (pending and pending[0].ready()):
+                pending.pop(0).get()
+                bar.update(1)
+        for result in pending:
+            result.get()
+            bar.update(1)
+    except KeyboardInterrupt:
+        for result in pending:  # finish the CRFs of what CLIP already did
+            result.wait(timeout=60)
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return summary
+

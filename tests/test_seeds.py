@@ -1,0 +1,92 @@
+"""`weakclip seeds`: CLIP-ES seeds from image-level labels, written as the seeds `weakclip train` reads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_data_root, sample_ids, write_tiny_config
+from PIL import Image
+
+from weakclip.cli import main
+from weakclip.config import load_config
+from weakclip.data.datasets import list_samples, preflight
+
+
+@pytest.fixture
+def seeds_setup(tmp_path, voc_sample):
+    ids = sample_ids(voc_sample, 3)
+    root = make_data_root(tmp_path / "data", voc_sample, ids)
+    config = write_tiny_config(tmp_path / "tiny.yaml", root, seeds={"crf_workers": 1})
+    return ids, root, config
+
+
+def _seeds(config, out, *extra):
+    return main(["seeds", "--config", str(config), "--output", str(out), *extra])
+
+
+def test_seeds_are_trainable_and_follow_the_labels(seeds_setup, tmp_path, capsys):
+    ids, root, config = seeds_setup
+    out = tmp_path / "seeds"
+    assert _seeds(config, out, "--save-cams") == 0
+    labels = json.loads((root / "cls_labels.json").read_text())
+    for i in ids:
+        seed = np.array(Image.open(out / f"{i}.png"))
+        image = Image.open(root / "JPEGImages" / f"{i}.jpg")
+        assert seed.shape == (image.height, image.width)
+        assert set(np.unique(seed)) <= {0, 255, *labels[i]}
+        saved = np.load(out / "cams" / f"{i}.npz")
+        assert saved["cams"].dtype == np.float16 and saved["cams"].shape == (len(labels[i]), *seed.shape)
+        assert saved["classes"].tolist() == labels[i]
+        assert 0.9 < saved["cams"].max() <= 1 and saved["cams"].min() >= 0  # min-max normalised, then resized
+    # What `weakclip train` checks before training accepts the folder as data.seeds_dir.
+    cfg = load_config(str(config), [f"data.seeds_dir={out}"])
+    samples = list_samples(cfg.data, need_seeds=True)
+    preflight(samples, cfg.num_classes, progress=False)
+    assert [s.seed for s in samples] == [out / f"{i}.png" for i in ids]
+
+    # A rerun does nothing; a changed setting redoes every image.
+    assert _seeds(config, out, "--save-cams") == 0
+    assert "0 written, 3 already done" in capsys.readouterr().out
+    assert _seeds(config, out, "--set", "seeds.confidence=0.5") == 0
+    assert "3 written, 0 already done" in capsys.readouterr().out
+    assert not (out / "cams").exists()  # outputs of other settings never stay beside new ones
+
+
+def test_seeds_without_crf_are_the_argmax_of_background_and_cams(seeds_setup, tmp_path):
+    ids, root, config = seeds_setup
+    out = tmp_path / "seeds"
+    assert _seeds(config, out, "--save-cams", "--set", "seeds.crf=false", "--set", "seeds.bg_power=2") == 0
+    for i in ids:
+        saved = np.load(out / "cams" / f"{i}.npz")
+        cams = saved["cams"].astype(np.float32)
+        bg = (1 - cams.max(0)) ** 2
+        expected = np.where(cams.max(0) > bg, saved["classes"][cams.argmax(0)], 0)
+        seed = np.array(Image.open(out / f"{i}.png"))
+        # float16 rounding of the background score may flip exact near-ties only
+        assert (seed == expected).mean() > 0.999
+
+
+def test_bad_labels_are_one_line(seeds_setup, tmp_path, capsys):
+    ids, root, config = seeds_setup
+    labels = json.loads((root / "cls_labels.json").read_text())
+    labels[ids[1]] = []
+    (root / "cls_labels.json").write_text(json.dumps(labels))
+    assert _seeds(config, tmp_path / "s") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{ids[1]}: no image-level label" in err[0] and "cls_labels.json" in err[0]
+
+    labels[ids[1]] = [21]
+    (root / "cls_labels.json").write_text(json.dumps(labels))
+    assert _seeds(config, tmp_path / "s") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class 21 outside 1..20" in err[0]
+
+    labels[ids[1]] = [1]
+    (root / "cls_labels.json").write_text(json.dumps(labels))
+    long_name = " ".join(["unpronounceable"] * 60)
+    assert _seeds(config, tmp_path / "s", "--set", f"seeds.prompt_names={{aeroplane: {long_name}}}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class 'aeroplane'" in err[0] and "context holds 77" in err[0]
+    assert not list((tmp_path / "s").glob("*.png"))

@@ -79,3 +79,17 @@ def test_demo_with_clip_weights_file_uses_that_model(tmp_path):
     assert (cfg.model.clip.model, cfg.model.clip.arch, cfg.model.clip.pretrained) == ("ViT-S-16", None, str(weights))
     model = load_refiner(cfg, out / "train" / "model.safetensors")
     torch.testing.assert_close(model.visual.visual.conv1.weight, ref.visual.conv1.weight, rtol=0, atol=0)
+
+
+def test_demo_from_labels_alone_scores_seeds_and_pseudo_masks(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--iters", "1", "--num-images", "4", "--seeds", "clip-es"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds"] == "clip-es" and report["seeds_dir"] == str(out / "seeds")
+    ids = (out / "data" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    assert sorted(p.stem for p in (out / "seeds").glob("*.png")) == sorted(ids)
+    cfg = load_config(str(out / "train" / "config.yaml"))
+    assert cfg.data.seeds_dir == str((out / "seeds").resolve())  # the refiner trained on the CLIP-ES seeds
+    gt = out / "data" / "SegmentationClass"
+    assert abs(report["seeds_miou"] - _miou(out / "seeds", gt, ids, 5)) < 1e-6
+    assert abs(report["pseudo_mask_miou"] - _miou(out / "pseudo_masks", gt, ids, 5)) < 1e-6

@@ -90,3 +90,23 @@ def test_bad_labels_are_one_line(seeds_setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "class 'aeroplane'" in err[0] and "context holds 77" in err[0]
     assert not list((tmp_path / "s").glob("*.png"))
+
+
+def test_train_makes_clip_es_seeds_first_when_asked(seeds_setup, tmp_path):
+    ids, root, config = seeds_setup
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--output", str(run), "--set", "data.seeds_from=clip-es",
+            "--set", "data.seeds_dir=absent", "--set", "train.iters=1"]
+    assert main(argv) == 0
+    assert sorted(p.stem for p in (run / "seeds").glob("*.png")) == sorted(ids)
+    saved = load_config(str(run / "config.yaml"))
+    assert saved.data.seeds_dir == str((run / "seeds").resolve())
+    assert (run / "model.safetensors").is_file()
+
+
+def test_unknown_seed_source_is_one_line(seeds_setup, tmp_path, capsys):
+    _, _, config = seeds_setup
+    argv = ["train", "--config", str(config), "--output", str(tmp_path / "r"), "--set", "data.seeds_from=mct"]
+    assert main(argv) == 2
+    assert "data.seeds_from: expected one of files, clip-es, got 'mct'" in capsys.readouterr().err
+

@@ -127,7 +127,7 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.output, data=args.data, clip=args.clip, iters=args.iters, num_images=args.num_images,
-             clip_model=args.clip_model)
+             clip_model=args.clip_model, seeds=args.seeds)
 
 
 def cmd_retrain(args) -> None:
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default="ViT-B-16", help="the open_clip model --clip belongs to")
     p.add_argument("--iters", type=int, help="training iterations (default: the config's)")
     p.add_argument("--num-images", type=int, default=48, help="synthetic images to generate")
+    p.add_argument("--seeds", choices=["files", "clip-es"], default="files",
+                   help="files: the data's Seeds folder; clip-es: make seeds from the image-level labels first")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("retrain", help="train a fully supervised segmenter on pseudo masks")

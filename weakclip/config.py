@@ -92,7 +92,6 @@ CLIP_ES_VOC_PROMPT_NAMES = {
 class SeedsConfig:
     """CLIP-ES seeds from image-level labels (``weakclip seeds``) on the frozen ``model.clip``."""
 
-    method: str = "clip-es"
     released: bool = False  # true: the released code's numbers, its box-clamp and CRF-colour bugs included
     template: str = "a clean origami {}."
     # Class name -> the words its prompt uses (synonyms in one string, as released); others as named.
@@ -128,6 +127,9 @@ class DataConfig:
     split: str = "train_aug"  # list name (voc/coco: ImageSets/Segmentation/<split>.txt)
     images_dir: str = "JPEGImages"
     seeds_dir: str = "Seeds"
+    # "files": train on the seeds in seeds_dir; "clip-es": `weakclip train` first makes CLIP-ES seeds from the
+    # image-level labels into <output>/seeds (resumable) and trains on them.
+    seeds_from: str = "files"
     gt_dir: str = "SegmentationClass"
     labels_file: str | None = "cls_labels.json"  # null: image-level labels derived from the seeds
     val_split: str | None = None  # ground-truth split for periodic validation

@@ -25,12 +25,17 @@ def _run(argv: list[str]) -> None:
 
 
 def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = None, clip: str | None = None,
-             iters: int | None = None, num_images: int = 48, clip_model: str = "ViT-B-16") -> dict:
+             iters: int | None = None, num_images: int = 48, clip_model: str = "ViT-B-16",
+             seeds: str = "files") -> dict:
     """Run the pipeline into ``output``; returns (and writes to ``report.json``) the measured figures.
 
     ``clip`` (an open_clip tag or a local weights file for the open_clip model ``clip_model``) replaces the
-    configs' small random CLIP.
+    configs' small random CLIP. ``seeds``: ``files`` trains on the data's ``Seeds``; ``clip-es`` makes
+    seeds from the image-level labels first (``weakclip seeds``), so only images and labels are needed.
+    Ground truth, when present, scores both the seeds and the pseudo masks.
     """
+    if seeds not in ("files", "clip-es"):
+        raise WeakclipError(f"--seeds {seeds}: expected files or clip-es")
     start = time.perf_counter()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,8 +50,8 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
         base = "demo"
     else:
         root = Path(data)
-        for need in ("JPEGImages", "Seeds", "SegmentationClass", "cls_labels.json",
-                     "ImageSets/Segmentation/train.txt"):
+        needs = ["JPEGImages", "cls_labels.json", "ImageSets/Segmentation/train.txt"]
+        for need in needs + (["Seeds"] if seeds == "files" else []):
             if not (root / need).exists():
                 raise WeakclipError(f"{root / need}: missing (--data needs the voc-sample layout)")
         base = "voc-sample-cpu"
@@ -55,9 +60,15 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
         overrides["model"] = {"clip": {"model": clip_model, "arch": None, "pretrained": clip}}
     if iters is not None:
         overrides["train"] = {"iters": iters}
+    seeds_dir = root / "Seeds"
+    if seeds == "clip-es":
+        seeds_dir = out / "seeds"
+        overrides["data"]["seeds_dir"] = str(seeds_dir.resolve())
     config = out / "config.yaml"
     write_text_atomic(config, yaml.safe_dump({"base": base, **overrides}, sort_keys=False))
 
+    if seeds == "clip-es":
+        _run(["seeds", "--config", str(config), "--output", str(seeds_dir)])
     run, masks = out / "train", out / "pseudo_masks"
     if not (run / "model.safetensors").is_file():
         resume = ["--resume"] if list((run / "checkpoints").glob("*.safetensors")) else []
@@ -65,14 +76,18 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
     _run(["pseudo-masks", "--config", str(config), "--checkpoint", str(run / "model.safetensors"),
           "--output", str(masks)])
     gt, listing = root / "SegmentationClass", root / "ImageSets" / "Segmentation" / "train.txt"
-    scores = {}
-    for name, pred in (("seeds", root / "Seeds"), ("pseudo_masks", masks)):
-        _run(["evaluate", "--pred", str(pred), "--gt", str(gt), "--config", str(config), "--list", str(listing),
-              "--json", str(out / f"eval_{name}.json")])
-        scores[name] = json.loads((out / f"eval_{name}.json").read_text())["miou"]
-    _run(["visualize", "--images", str(root / "JPEGImages"), "--masks", str(root / "Seeds"), str(masks), str(gt),
-          "--titles", "seeds", "pseudo mask", "ground truth", "--output", str(out / "grids"), "--num", "8"])
+    scores = {"seeds": None, "pseudo_masks": None}
+    if gt.is_dir():
+        for name, pred in (("seeds", seeds_dir), ("pseudo_masks", masks)):
+            _run(["evaluate", "--pred", str(pred), "--gt", str(gt), "--config", str(config), "--list",
+                  str(listing), "--json", str(out / f"eval_{name}.json")])
+            scores[name] = json.loads((out / f"eval_{name}.json").read_text())["miou"]
+    shown = [(seeds_dir, "seeds"), (masks, "pseudo mask")] + ([(gt, "ground truth")] if gt.is_dir() else [])
+    _run(["visualize", "--images", str(root / "JPEGImages"), "--masks", *(str(d) for d, _ in shown),
+          "--titles", *(t for _, t in shown), "--output", str(out / "grids"), "--num", "8"])
     report = {
+        "seeds": "clip-es" if seeds == "clip-es" else "data",
+        "seeds_dir": str(seeds_dir),
         "seeds_miou": scores["seeds"],
         "pseudo_mask_miou": scores["pseudo_masks"],
         "seconds": round(time.perf_counter() - start, 1),
@@ -83,8 +98,12 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
         "training_log": str(run / "metrics.csv"),
     }
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
-    print(f"\nseeds mIoU {report['seeds_miou']:.1f} -> pseudo masks mIoU {report['pseudo_mask_miou']:.1f} "
-          f"({report['seconds']:.0f} s)\nreport: {out / 'report.json'}\ngrids: {out / 'grids'}")
+    if gt.is_dir():
+        print(f"\nseeds mIoU {report['seeds_miou']:.1f} -> pseudo masks mIoU {report['pseudo_mask_miou']:.1f} "
+              f"({report['seconds']:.0f} s)")
+    else:
+        print(f"\nno ground truth in {gt}: nothing scored ({report['seconds']:.0f} s)")
+    print(f"report: {out / 'report.json'}\ngrids: {out / 'grids'}")
     if data is not None and clip is None:
         # voc-sample-cpu runs a random CLIP: its features carry no object signal on real photographs
         # (benchmarks/feature_probe.py), so these pseudo masks test the plumbing, not the method.

@@ -29,7 +29,7 @@ from .data.masks import write_mask
 from .errors import WeakclipError
 from .fileio import atomic_path, reset_if_stale
 
-METHODS = ("clip-es",)
+SOURCES = ("files", "clip-es")  # data.seeds_from
 
 
 def _labels_source(cfg: Config) -> str:
@@ -40,9 +40,6 @@ def _labels_source(cfg: Config) -> str:
 
 def seed_samples(cfg: Config, split: str | None = None) -> list[Sample]:
     """The split's samples with their image-level labels; an image without labels is an error (one line)."""
-    if cfg.seeds.method not in METHODS:
-        raise WeakclipError(f"seeds.method: unknown seed method {cfg.seeds.method!r} (choose from "
-                            f"{', '.join(METHODS)})")
     samples = list_samples(cfg.data, split, need_seeds=False)
     for s in samples:
         if not s.labels:
@@ -138,3 +135,19 @@ def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_
             pool.join()
     return summary
 
+
+
+def with_generated_seeds(cfg: Config, folder: str | Path, info=None) -> Config:
+    """``cfg`` training on seeds made first by ``data.seeds_from`` (``clip-es``) into ``folder``."""
+    if cfg.data.seeds_from not in SOURCES:
+        raise WeakclipError(f"data.seeds_from: expected one of {', '.join(SOURCES)}, got {cfg.data.seeds_from!r}")
+    folder = Path(folder).resolve()
+    if info is None or info.is_main:
+        summary = write_seeds(cfg, folder, progress=info is None or info.is_main)
+        print(f"seeds: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)",
+              flush=True)
+    if info is not None:
+        from .engine import barrier
+
+        barrier(info)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seeds_dir=str(folder)))

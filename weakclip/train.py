@@ -65,6 +65,10 @@ def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo 
     """Train the refiner described by ``cfg`` into ``output``; returns the final weights' path."""
     info = info or init_distributed()
     output = Path(output)
+    if cfg.data.seeds_from != "files":
+        from .seeds import with_generated_seeds
+
+        cfg = with_generated_seeds(cfg, output / "seeds", info)
     dataset = train_dataset(cfg, progress=info.is_main)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, cfg.data.class_names, clip_model)

@@ -58,11 +58,12 @@ def main() -> None:
         pixels = preprocess(image, fast.patch).to(device)
         with torch.no_grad():
             seeds_s, released_s, forward_s = _median_times(
-                [lambda: fast.cams(image, LABELS), lambda: released.cams(image, LABELS), lambda: tower(pixels)],
+                [lambda im=image: fast.cams(im, LABELS), lambda im=image: released.cams(im, LABELS),
+                 lambda px=pixels: tower(px)],
                 args.repeat, device)
         cams = fast.cams(image, LABELS)
         crf_s = statistics.median(
-            [_timed(lambda: crf_seed(cams, image, LABELS, fast.cfg)) for _ in range(args.repeat)])
+            [_timed(lambda c=cams, im=image: crf_seed(c, im, LABELS, fast.cfg)) for _ in range(args.repeat)])
         result["sizes"][f"{w}x{h}"] = {
             "input": list(pixels.shape[2:]), "seeds_s": round(seeds_s, 3), "released_mode_s": round(released_s, 3),
             "forward_s": round(forward_s, 3), "ratio": round(seeds_s / forward_s, 3),

@@ -10,17 +10,30 @@ import pytest
 # Tests never fetch weights: the hub fails at once instead of retrying for most of a minute.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-VOC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc-sample"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+VOC_SAMPLE = SHARED / "data" / "voc-sample"
+CLIP_ES_FIXTURE = SHARED / "reference" / "parity" / "clip-es-tiny"
+
+
+def _shared(path: Path, what: str) -> Path:
+    """``path`` under ../shared; skipped with a clear reason when absent, except under CI=true where it must exist."""
+    if not path.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing: CI must run with ../shared beside the clone")
+        pytest.skip(f"{what} not found at {path} (place ../shared beside the repo)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def voc_sample() -> Path:
-    """Path to ../shared/data/voc-sample; skipped when absent, except under CI=true where it must exist."""
-    if not VOC_SAMPLE.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{VOC_SAMPLE} is missing: CI must run with ../shared beside the clone")
-        pytest.skip(f"real data not found at {VOC_SAMPLE} (place ../shared/data/voc-sample beside the repo)")
-    return VOC_SAMPLE
+    """Path to ../shared/data/voc-sample (the real VOC sample)."""
+    return _shared(VOC_SAMPLE, "real data")
+
+
+@pytest.fixture(scope="session")
+def clip_es_fixture() -> Path:
+    """Path to ../shared/reference/parity/clip-es-tiny (tensors recorded from the released CLIP-ES code)."""
+    return _shared(CLIP_ES_FIXTURE, "the CLIP-ES parity fixture")
 
 
 # A ViT-B/16-shaped CLIP small enough for CPU tests: patch 16, head width 64 (as OpenAI's), 4 blocks.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CLIP_ES_FIXTURE
 from safetensors.torch import load_file
 
 from weakclip.clip_es import (
@@ -24,16 +24,10 @@ from weakclip.config import SeedsConfig
 from weakclip.errors import WeakclipError
 from weakclip.parity import check_fixture, fixture_kind
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "parity" / "clip-es-tiny"
-
 
 @pytest.fixture(scope="module")
-def fixture() -> Path:
-    if not FIXTURE.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{FIXTURE} is missing: CI must run with ../shared beside the clone")
-        pytest.skip(f"parity fixture not found at {FIXTURE}")
-    return FIXTURE
+def fixture(clip_es_fixture) -> Path:
+    return clip_es_fixture
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def test_released_mode_reproduces_every_recorded_tensor(fixture):
 
 def test_default_mode_fixes_the_box_clamp(fixture_run):
     config, (_, traces) = fixture_run
-    ref = load_file(str(FIXTURE / "outputs.safetensors"))
+    ref = load_file(str(CLIP_ES_FIXTURE / "outputs.safetensors"))
     # The released clamp turns img0's contour (0, 0, 10, 4) on the 10-wide grid into [0, 0, 9, 4] and
     # img1's one-cell contours on the bottom row (6, 8), (3, 8) into empty boxes; the default keeps them.
     assert [0, 0, 9, 4] in ref["img0.boxes"].reshape(-1, 4).tolist()
@@ -74,10 +68,8 @@ def test_default_mode_fixes_the_box_clamp(fixture_run):
 
 
 def test_default_crf_sees_the_image_released_sees_wrapped_bgr(fixture):
-    from safetensors.torch import load_file as load
-
-    inputs = load(str(fixture / "inputs.safetensors"))
-    ref = load(str(fixture / "outputs.safetensors"))
+    inputs = load_file(str(fixture / "inputs.safetensors"))
+    ref = load_file(str(fixture / "outputs.safetensors"))
     image = inputs["img1.image"].numpy()
     np.testing.assert_array_equal(crf_image(image, released=True), ref["img1.crf_image"].numpy())
     np.testing.assert_array_equal(crf_image(image, released=False), image)

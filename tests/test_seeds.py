@@ -55,7 +55,7 @@ def test_seeds_are_trainable_and_follow_the_labels(seeds_setup, tmp_path, capsys
 
 
 def test_seeds_without_crf_are_the_argmax_of_background_and_cams(seeds_setup, tmp_path):
-    ids, root, config = seeds_setup
+    ids, _, config = seeds_setup
     out = tmp_path / "seeds"
     assert _seeds(config, out, "--save-cams", "--set", "seeds.crf=false", "--set", "seeds.bg_power=2") == 0
     for i in ids:
@@ -93,7 +93,7 @@ def test_bad_labels_are_one_line(seeds_setup, tmp_path, capsys):
 
 
 def test_train_makes_clip_es_seeds_first_when_asked(seeds_setup, tmp_path):
-    ids, root, config = seeds_setup
+    ids, _, config = seeds_setup
     run = tmp_path / "run"
     argv = ["train", "--config", str(config), "--output", str(run), "--set", "data.seeds_from=clip-es",
             "--set", "data.seeds_dir=absent", "--set", "train.iters=1"]

@@ -203,10 +203,11 @@ class CRFPool:
     :meth:`submit` returns at once while fewer than ``capacity`` jobs are in flight and otherwise waits
     for the oldest: back-pressure keeps at most ``capacity`` images' probabilities in memory, and the
     caller runs the network on the next image while the workers run CRFs. ``workers=0`` finishes each job
-    in the calling process.
+    in the calling process. ``finish`` (a module-level function, so workers can import it) does the work.
     """
 
-    def __init__(self, workers: int, capacity: int | None = None):
+    def __init__(self, workers: int, capacity: int | None = None, finish: Callable[[tuple], str] = _finish):
+        self.finish = finish
         self.capacity = capacity or 2 * workers
         self.pending: deque = deque()
         self.pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint) if workers > 0 else None
@@ -214,8 +215,8 @@ class CRFPool:
     def submit(self, job: tuple) -> list[str]:
         """Queue one job; returns the ids of the images finished meanwhile (in submission order)."""
         if self.pool is None:
-            return [_finish(job)]
-        self.pending.append(self.pool.apply_async(_finish, (job,)))
+            return [self.finish(job)]
+        self.pending.append(self.pool.apply_async(self.finish, (job,)))
         done = []
         while len(self.pending) > self.capacity or (self.pending and self.pending[0].ready()):
             done.append(self.pending.popleft().get())

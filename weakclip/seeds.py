@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import multiprocessing as mp
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .clip import load_clip
@@ -49,14 +49,11 @@ def seed_samples(cfg: Config, split: str | None = None) -> list[Sample]:
 
 
 def _clip_identity(cfg: Config) -> dict:
+    from .infer import file_sha256
+
     clip = dataclasses.asdict(cfg.model.clip)
-    path = clip["pretrained"]
-    if path is not None and os.path.isfile(path):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        clip["pretrained_sha256"] = h.hexdigest()
+    if clip["pretrained"] is not None and os.path.isfile(clip["pretrained"]):
+        clip["pretrained_sha256"] = file_sha256(clip["pretrained"])
     return clip
 
 
@@ -87,9 +84,9 @@ def save_cams(path: Path, cams: np.ndarray, labels: Sequence[int]) -> None:
 
 
 def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_cams: bool = False,
-                progress: bool = True, method: ClipES | None = None) -> dict:
+                progress: bool = True) -> dict:
     """Seeds for every image of ``split`` (default ``data.split``) into ``output``; returns a summary."""
-    from .infer import _ignore_sigint, inference_device
+    from .infer import CRFPool
 
     split = split or cfg.data.split
     samples = seed_samples(cfg, split)
@@ -99,11 +96,9 @@ def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_
     summary = {"written": len(todo), "skipped": len(samples) - len(todo), "output": str(out)}
     if not todo:
         return summary
-    if method is None:
-        method = ClipES(load_clip(cfg.model.clip), cfg.data.class_names, cfg.seeds, inference_device())
-    workers = cfg.seeds.crf_workers if cfg.seeds.crf else 0
-    pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint) if workers > 0 else None
-    pending: list = []
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method = ClipES(load_clip(cfg.model.clip), cfg.data.class_names, cfg.seeds, device)
+    pool = CRFPool(cfg.seeds.crf_workers if cfg.seeds.crf else 0, finish=_finish)
     bar = tqdm(total=len(samples), initial=summary["skipped"], desc="seeds", disable=not progress,
                dynamic_ncols=True)
     try:
@@ -113,28 +108,16 @@ def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_
             if keep_cams:
                 save_cams(out / "cams" / f"{s.id}.npz", cams, labels)
             job = (s.id, cams, s.image, labels, cfg.seeds, cfg.data.ignore_index, out / f"{s.id}.png")
-            if pool is None:
-                _finish(job)
-                bar.update(1)
-                continue
-            pending.append(pool.apply_async(_finish, (job,)))
-            while len(pending) > 2 * workers or (pending and pending[0].ready()):
-                pending.pop(0).get()
-                bar.update(1)
-        for result in pending:
-            result.get()
+            bar.update(len(pool.submit(job)))
+        for _ in pool.drain():
             bar.update(1)
     except KeyboardInterrupt:
-        for result in pending:  # finish the CRFs of what CLIP already did
-            result.wait(timeout=60)
+        pool.close(wait_s=60)  # finish the CRFs of what CLIP already did
         raise
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        pool.close()
     return summary
-
 
 
 def with_generated_seeds(cfg: Config, folder: str | Path, info=None) -> Config:
@@ -147,7 +130,7 @@ def with_generated_seeds(cfg: Config, folder: str | Path, info=None) -> Config:
         print(f"seeds: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)",
               flush=True)
     if info is not None:
-        from .engine import barrier
+        from .distributed import barrier
 
         barrier(info)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seeds_dir=str(folder)))

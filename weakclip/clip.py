@@ -8,6 +8,7 @@ runs without autograd.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import zipfile
 from dataclasses import dataclass
@@ -67,6 +68,16 @@ def check_shapes(expected: dict[str, Tensor], found: dict[str, Tensor], source: 
                 f"{source}: '{key}' has shape {tuple(tensor.shape)} in the file but {what} expects "
                 f"{tuple(expected[key].shape)}"
             )
+
+
+def require_batch_first(transformer: nn.Module, tower: str) -> None:
+    """The wrappers feed (B, L, C) tokens; open_clip before 2.26.1 runs its transformers sequence-first,
+    where the same call would silently attend across the batch."""
+    if not getattr(transformer, "batch_first", False):
+        raise WeakclipError(
+            f"open_clip_torch {importlib.metadata.version('open_clip_torch')}: the CLIP {tower} transformer runs sequence-first; weakclip "
+            f"needs batch-first transformers (pip install 'open_clip_torch>=2.26.1,<4')"
+        )
 
 
 def _create(cfg: ClipConfig) -> nn.Module:
@@ -177,6 +188,7 @@ class ClipVisual(nn.Module):
             raise WeakclipError(f"weakclip needs a CLIP ViT image tower; got {type(visual).__name__}")
         if visual.attn_pool is not None or visual.pool_type != "tok" or getattr(visual, "final_ln_after_pool", False):
             raise WeakclipError("weakclip needs a CLIP ViT that pools its class token (no attentional/avg pooling)")
+        require_batch_first(visual.transformer, "image")
         self.visual = visual
         depth = len(visual.transformer.resblocks)
         self.taps = list(taps) if taps else default_taps(depth)
@@ -217,13 +229,9 @@ class ClipVisual(nn.Module):
             cls = 2 * cls
         x = torch.cat([cls.expand(b, 1, c), x], dim=1) + self._pos_embed(gh, gw, x.dtype)
         x = v.ln_pre(x)
-        batch_first = getattr(v.transformer, "batch_first", True)
         taps: list[Tensor] = []
         for i, block in enumerate(v.transformer.resblocks, start=1):
-            if batch_first:
-                x = block(x)
-            else:
-                x = block(x.transpose(0, 1)).transpose(0, 1)
+            x = block(x)
             if i in self.taps:
                 taps.append(x[:, 1:].transpose(1, 2).reshape(b, c, gh, gw))
         x = v.ln_post(x) @ v.proj  # every token, not just the class token
@@ -255,6 +263,7 @@ class PromptTextEncoder(nn.Module):
         src = clip_model.text if hasattr(clip_model, "text") else clip_model
         self.token_embedding = src.token_embedding
         self.transformer = src.transformer
+        require_batch_first(self.transformer, "text")
         self.ln_final = src.ln_final
         self.text_projection = src.text_projection
         self.register_buffer("positional_embedding", src.positional_embedding.detach(), persistent=False)
@@ -302,7 +311,7 @@ class PromptTextEncoder(nn.Module):
         # The shared-prefix pass needs open_clip's standard batch-first self-attention blocks.
         blocks = getattr(self.transformer, "resblocks", None)
         self.share_prefix = (
-            bool(n_ctx) and getattr(self.transformer, "batch_first", False) and blocks is not None
+            bool(n_ctx) and blocks is not None
             and all(isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
                     and isinstance(b.attn, nn.MultiheadAttention) and b.attn.batch_first for b in blocks)
         )

@@ -134,7 +134,7 @@ def _coco_root(tmp_path: Path, seeds: dict[str, np.ndarray]) -> DataConfig:
         write_mask(tmp_path / "seeds" / f"{stem}.png", seed)
     (tmp_path / "train.txt").write_text("\n".join(seeds) + "\n")
     return DataConfig(kind="coco", root=str(tmp_path), split="train", images_dir="images", seeds_dir="seeds",
-                      labels_file=None, class_names=["background"] + [f"c{i}" for i in range(1, 81)])
+                      labels_from_seeds=True, class_names=["background"] + [f"c{i}" for i in range(1, 81)])
 
 
 def test_coco_seeds_in_category_ids_are_mapped(tmp_path: Path) -> None:

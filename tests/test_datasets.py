@@ -56,8 +56,9 @@ def test_voc_listing_real_sample(voc_sample: Path) -> None:
     assert list_samples(_voc_cfg(voc_sample), need_seeds=False)[0].seed is None
 
 
-def test_labels_derived_from_seeds(voc_sample: Path) -> None:
-    samples = {s.id: s for s in list_samples(_voc_cfg(voc_sample, labels_file=None))}
+def test_labels_from_seeds_only_by_opt_in_with_a_warning(voc_sample: Path, capsys) -> None:
+    samples = {s.id: s for s in list_samples(_voc_cfg(voc_sample, labels_from_seeds=True))}
+    assert "weakclip: warning: image-level labels taken from the seeds" in capsys.readouterr().err
     assert samples["2007_000032"].labels == (1, 15)
     # The simulated seed of this image lost the car (7): labels follow the seed, not the ground truth.
     assert samples["2007_001857"].labels == (15,)
@@ -124,7 +125,10 @@ def test_folder_layout_with_csv_labels(tmp_path: Path) -> None:
     samples = list_samples(cfg)
     assert [(s.id, s.labels) for s in samples] == [("x", (1,)), ("y", (1, 2))]
     assert samples[0].image == tmp_path / "images" / "x.png"
-    (tmp_path / "labels.csv").unlink()  # now derived from the seeds
+    (tmp_path / "labels.csv").unlink()
+    with pytest.raises(WeakclipError, match=r"labels\.json: image-level labels not found; write it"):
+        list_samples(cfg)
+    cfg.labels_from_seeds = True
     assert [s.labels for s in list_samples(cfg)] == [(1,), (2,)]
     preflight(samples, num_classes=3, progress=False)
 

@@ -39,10 +39,10 @@ def cmd_configs(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .model import build_model
+    from .model import build_architecture
 
     cfg = _config(args)
-    model = build_model(cfg.model, cfg.data.class_names)
+    model = build_architecture(cfg.model, cfg.data.class_names)
     print(json.dumps({"config": cfg.name, "clip": cfg.model.clip.model, "num_classes": cfg.num_classes,
                       "parameters": model.param_counts()}, indent=2))
 
@@ -123,6 +123,13 @@ def cmd_prepare_coco(args) -> None:
     print(json.dumps(summary, indent=1, default=str))
 
 
+def cmd_prepare_voc(args) -> None:
+    from .data.voc import prepare_voc
+
+    summary = prepare_voc(args.root, args.gt_dir, args.output)
+    print(json.dumps(summary, indent=1))
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -152,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configs", help="list the shipped configs")
     p.set_defaults(func=cmd_configs)
 
-    p = sub.add_parser("info", help="parameter counts of a config's model, as JSON")
+    p = sub.add_parser("info", help="parameter counts of a config's model, as JSON (architecture only, no weights)")
     _add_config(p)
     p.set_defaults(func=cmd_info)
 
@@ -205,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--split", required=True, help="list name to write, e.g. train or val")
     p.set_defaults(func=cmd_prepare_coco)
+
+    p = sub.add_parser("prepare-voc", help="VOC 2012 image-level labels (cls_labels.json) from the ground truth")
+    p.add_argument("--root", required=True, help="the VOC2012 folder (holding SegmentationClassAug or SegmentationClass)")
+    p.add_argument("--gt-dir", help="ground-truth folder under --root (default: SegmentationClassAug, else SegmentationClass)")
+    p.add_argument("--output", help="labels file to write (default: <root>/cls_labels.json)")
+    p.set_defaults(func=cmd_prepare_voc)
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data (or --data), no downloads")
     p.add_argument("--output", default="weakclip-demo")

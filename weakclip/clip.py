@@ -9,6 +9,7 @@ runs without autograd.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def require_batch_first(transformer: nn.Module, tower: str) -> None:
         )
 
 
-def _create(cfg: ClipConfig) -> nn.Module:
+def _create(cfg: ClipConfig, device: str = "cpu") -> nn.Module:
     if cfg.arch is not None:
         try:
             return open_clip.CLIP(**cfg.arch)
@@ -88,7 +89,7 @@ def _create(cfg: ClipConfig) -> nn.Module:
             raise WeakclipError(f"model.clip.arch: not a valid open_clip.CLIP architecture ({exc})") from None
     if cfg.model not in open_clip.list_models():
         raise WeakclipError(f"model.clip.model: unknown open_clip model '{cfg.model}' (see open_clip.list_models())")
-    return open_clip.create_model(cfg.model, pretrained=None)
+    return open_clip.create_model(cfg.model, pretrained=None, device=device)
 
 
 def load_clip(cfg: ClipConfig) -> nn.Module:
@@ -146,10 +147,25 @@ def load_clip(cfg: ClipConfig) -> nn.Module:
                 f"access, download them elsewhere and pass a local file: --set model.clip.pretrained=/path/to/"
                 f"ViT-B-16.pt (OpenAI archive) or open_clip_pytorch_model.bin / .safetensors"
             ) from None
-    model = model.float().eval()
+    return _frozen(model.float())
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def clip_architecture(cfg: ClipConfig) -> nn.Module:
+    """The frozen open_clip model of ``cfg`` with every tensor on the meta device: the architecture only
+    (shapes, parameter counts) in a moment, no weights read, fetched or even initialised."""
+    logging.disable(logging.WARNING)  # open_clip's "initialized randomly" is not true here: nothing is
+    try:
+        with torch.device("meta"):
+            return _frozen(_create(cfg, device="meta"))
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 # ------------------------------------------------------------------------------------------------ visual

@@ -131,7 +131,8 @@ class DataConfig:
     # image-level labels into <output>/seeds (resumable) and trains on them.
     seeds_from: str = "files"
     gt_dir: str = "SegmentationClass"
-    labels_file: str | None = "cls_labels.json"  # null: image-level labels derived from the seeds
+    labels_file: str | None = "cls_labels.json"  # image-level labels, id -> classes (prepare-voc/-coco)
+    labels_from_seeds: bool = False  # opt-in: labels = the seed's classes (a class the CAM missed is lost)
     val_split: str | None = None  # ground-truth split for periodic validation
     class_names: list[str] = field(default_factory=lambda: list(VOC_CLASSES))
     ignore_index: int = 255

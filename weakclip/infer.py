@@ -501,7 +501,8 @@ def pseudo_masks(cfg: Config, checkpoint: str | Path, output: str | Path, split:
     info = info or init_distributed(INFERENCE_TIMEOUT)
     split = split or cfg.data.split
     samples, fingerprint = run_once(
-        lambda: (list_samples(cfg.data, split, need_seeds=False), inference_fingerprint(cfg, checkpoint)), info)
+        lambda: (list_samples(cfg.data, split, need_seeds=False, need_labels=cfg.infer.label_filter),
+                 inference_fingerprint(cfg, checkpoint)), info)
     predict = refiner_predictor(load_refiner(cfg, checkpoint), info.device)
     summary = write_label_maps(
         predict, samples, output, cfg.infer, info, fingerprint, use_labels=cfg.infer.label_filter,
@@ -510,12 +511,28 @@ def pseudo_masks(cfg: Config, checkpoint: str | Path, output: str | Path, split:
     return summary if info.is_main else None
 
 
-def validator(cfg: Config, info: DistInfo) -> Callable[[torch.nn.Module], dict[str, float]]:
-    """Single-scale, no-flip, no-CRF mIoU on ``cfg.data.val_split`` (each rank scores its share)."""
-    from .data.datasets import list_samples
-    from .metrics import ConfusionMeter
+def validator(cfg: Config, info: DistInfo) -> Callable[[torch.nn.Module], dict[str, float]] | None:
+    """Single-scale, no-flip, no-CRF mIoU against the ground truth of ``cfg.data.val_split`` (each rank
+    scores its share), after a preflight of those files. None, with a note, when the split or its ground
+    truth is absent; images without ground truth are left out, with a note."""
+    from .data.datasets import list_samples, preflight
+    from .errors import warn
 
-    samples = list_samples(cfg.data, cfg.data.val_split, need_seeds=False, need_gt=True)
+    note = warn if info.is_main else (lambda message: None)
+    try:
+        samples = list_samples(cfg.data, cfg.data.val_split, need_seeds=False, need_gt=True, need_labels=False)
+    except WeakclipError as exc:
+        note(f"validation skipped: {exc}")
+        return None
+    with_gt = [s for s in samples if s.gt.is_file()]
+    if not with_gt:
+        note(f"validation skipped: no ground truth for the {cfg.data.val_split} split in {samples[0].gt.parent}")
+        return None
+    if len(with_gt) < len(samples):
+        note(f"validation on {len(with_gt)} of {len(samples)} {cfg.data.val_split} images: the others have no "
+             f"ground truth in {with_gt[0].gt.parent}")
+    samples = with_gt
+    preflight(samples, cfg.num_classes, cfg.data.ignore_index, progress=info.is_main)
     mine = launch_share(info).take(samples)
 
     def validate(model: torch.nn.Module) -> dict[str, float]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .clip import ClipVisual, PromptTextEncoder, check_shapes, input_stats, load_clip
+from .clip import ClipVisual, PromptTextEncoder, check_shapes, clip_architecture, input_stats, load_clip
 from .config import ModelConfig
 from .errors import WeakclipError
 
@@ -361,3 +361,9 @@ def build_model(cfg: ModelConfig, class_names: list[str], clip_model: nn.Module 
     if len(class_names) < 2:
         raise WeakclipError("data.class_names: need at least two classes (background and one object)")
     return WeakCLIP(cfg, class_names, clip_model)
+
+
+def build_architecture(cfg: ModelConfig, class_names: list[str]) -> WeakCLIP:
+    """WeakCLIP with every tensor on the meta device: shapes and parameter counts, no weights (``weakclip info``)."""
+    with torch.device("meta"):
+        return build_model(cfg, class_names, clip_architecture(cfg.clip))

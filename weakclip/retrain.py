@@ -58,15 +58,9 @@ def imagenet_normalize(images: Tensor) -> Tensor:
 
 
 def split_samples(cfg: Config, split: str) -> list[Sample]:
-    """The images of ``split`` in list order, without seeds, ground truth or image-level labels.
-
-    Neither retraining nor prediction needs image-level labels, and test images have neither labels nor
-    seeds. ``list_samples`` takes labels from ``data.labels_file``, else from the seed folder when it is a
-    directory: with no labels file and a seed folder that is never a directory, it opens neither.
-    (``folder`` datasets always read ``root/labels.json`` when present.)
-    """
-    return list_samples(dataclasses.replace(cfg.data, labels_file=None, seeds_dir=os.devnull), split,
-                        need_seeds=False)
+    """The images of ``split`` in list order, without seeds, ground truth or image-level labels: neither
+    retraining nor prediction needs labels, and test images have neither labels nor seeds."""
+    return list_samples(cfg.data, split, need_seeds=False, need_labels=False)
 
 
 # ------------------------------------------------------------------------------------------------ retrain

@@ -75,7 +75,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo 
     if info.is_main:
         write_text_atomic(output / "config.yaml", dump_config(cfg))
     validate = None
-    if cfg.data.val_split and cfg.train.val_every:
+    if cfg.data.val_split and cfg.train.val_every:  # None (with a note) without ground truth
         from .infer import validator
 
         validate = validator(cfg, info)

@@ -12,12 +12,14 @@ Layouts read by :func:`list_samples` (``root``, ``*_dir`` and ``labels_file`` co
 * ``folder``: ``root/images/<stem>.jpg|.jpeg|.png``, ``root/seeds/<stem>.png``, optional
   ``root/gt/<stem>.png``; ids from ``root/<split>.txt`` when present, else every image, sorted.
   ``images_dir``/``seeds_dir``/``gt_dir``/``labels_file`` are not used; labels come from
-  ``root/labels.json`` or ``root/labels.csv`` (see :func:`read_labels_file`), else from the seeds.
+  ``root/labels.json`` or ``root/labels.csv`` (see :func:`read_labels_file`).
 
-Image-level labels (``labels_file``, relative to ``root``) may be JSON or ``.npy`` (a pickled dict):
-id -> list of foreground class indices, list of class names, or a one-hot vector over the K-1 foreground
-classes (IRN's ``cls_labels.npy``) or over all K classes. With ``labels_file: null`` they are the classes
-present in each seed mask (values other than 0 and 255).
+Image-level labels are the known labels of weak supervision (Eq. 14's filter and the CRF's class set use
+them): ``labels_file`` (relative to ``root``; ``weakclip prepare-voc`` and ``prepare-coco`` write
+``cls_labels.json``) may be JSON or ``.npy`` (a pickled dict): id -> list of foreground class indices, list
+of class names, or a one-hot vector over the K-1 foreground classes (IRN's ``cls_labels.npy``) or over all K
+classes. Only with ``labels_from_seeds: true`` (an explicit opt-in, warned about) are they the classes
+present in each seed mask instead, so a class the CAM missed is lost.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..config import DataConfig
-from ..errors import WeakclipError
+from ..errors import WeakclipError, warn
 from .masks import read_mask
 
 # The 80 official COCO category ids, in order; contiguous class i (1..80) is COCO_CATEGORY_IDS[i - 1].
@@ -118,7 +120,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 # Listing
 
 
-def _read_list(path: Path) -> list[str]:
+def read_list(path: Path) -> list[str]:
     """Ids of a list file, each once, in first-seen order. Lines may also be ``/JPEGImages/x.jpg ...``."""
     if not path.is_file():
         raise WeakclipError(f"{path}: list file not found")
@@ -198,7 +200,7 @@ def read_labels_file(path: Path, class_names: Sequence[str]) -> dict[str, list[i
     return {str(key): _parse_labels(value, class_names, f"{path}: {key}") for key, value in raw.items()}
 
 
-def _mask_values(paths: Sequence[Path], desc: str | None) -> list[set[int]]:
+def mask_values(paths: Sequence[Path], desc: str | None) -> list[set[int]]:
     """Distinct values of each mask (read in threads: PNG decoding releases the GIL)."""
 
     def values(p: Path) -> set[int]:
@@ -236,14 +238,38 @@ def _folder_image(images: Path, stem: str) -> Path:
     return images / f"{stem}.jpg"  # reported as missing by preflight
 
 
+def labels_source(cfg: DataConfig) -> str:
+    """Where a data config's image-level labels come from: ``file <path>`` or ``seeds <folder>``."""
+    root = Path(cfg.root)
+    if cfg.labels_from_seeds:
+        return f"seeds {root / ('seeds' if cfg.kind == 'folder' else cfg.seeds_dir)}"
+    if cfg.kind == "folder":
+        found = [p for p in (root / "labels.json", root / "labels.csv") if p.is_file()]
+        return f"file {found[0] if found else root / 'labels.json'}"
+    return f"file {root / cfg.labels_file}" if cfg.labels_file else "file (none: data.labels_file is null)"
+
+
+def _missing_labels(cfg: DataConfig, path: Path | None) -> WeakclipError:
+    """The one line for absent image-level labels: which file, how to make it, and the opt-in."""
+    make = {
+        "voc": f"make it with `weakclip prepare-voc --root {cfg.root}`",
+        "coco": f"`weakclip prepare-coco --instances ... --output {cfg.root} --split ...` writes it",
+        "folder": "write it: image id -> class indices or names (or labels.csv)",
+    }.get(cfg.kind, "")
+    what = f"{path}: image-level labels not found" if path else "data.labels_file is null"
+    return WeakclipError(f"{what}; {make}, or set data.labels_from_seeds: true to take them from the seeds "
+                         "(a class the seed misses is then lost)")
+
+
 def list_samples(
-    cfg: DataConfig, split: str | None = None, need_seeds: bool = True, need_gt: bool = False
+    cfg: DataConfig, split: str | None = None, need_seeds: bool = True, need_gt: bool = False,
+    need_labels: bool = True,
 ) -> list[Sample]:
     """List a split's samples, each id once, in list order (layouts and label formats: module docstring).
 
     ``need_seeds``/``need_gt`` fill the seed/gt paths (None otherwise); files are not opened here except to
-    derive labels or detect the COCO convention. With ``labels_file: null`` the labels are the classes of
-    each seed mask (of the gt mask when seeds are not needed and the seed folder is absent).
+    read labels or detect the COCO convention. ``need_labels`` false leaves every sample's labels empty and
+    reads no labels (test images, validation, retraining).
     """
     split = split or cfg.split
     root = Path(cfg.root)
@@ -256,14 +282,14 @@ def list_samples(
             candidates = [root / f"{split}.txt", root / "ImageSets" / f"{split}.txt",
                           root / "ImageSets" / "Segmentation" / f"{split}.txt"]
             list_file = next((c for c in candidates if c.is_file()), candidates[0])
-        ids = _read_list(list_file)
+        ids = read_list(list_file)
         images = [root / cfg.images_dir / f"{i}.jpg" for i in ids]
         seeds_dir, gt_dir = root / cfg.seeds_dir, root / cfg.gt_dir
         labels_path = root / cfg.labels_file if cfg.labels_file else None
     elif cfg.kind == "folder":
         list_file = root / f"{split}.txt"
         if list_file.is_file():
-            ids = _read_list(list_file)
+            ids = read_list(list_file)
         else:
             list_file = root / "images"
             stems = sorted({p.stem for p in list_file.glob("*") if p.suffix.lower() in IMAGE_EXTS})
@@ -272,7 +298,8 @@ def list_samples(
             ids = stems
         images = [_folder_image(root / "images", i) for i in ids]
         seeds_dir, gt_dir = root / "seeds", root / "gt"
-        labels_path = next((p for p in (root / "labels.json", root / "labels.csv") if p.is_file()), None)
+        labels_path = next((p for p in (root / "labels.json", root / "labels.csv") if p.is_file()),
+                           root / "labels.json")
     else:
         raise WeakclipError(f"data.kind: unknown dataset kind {cfg.kind!r} (voc, coco or folder)")
 
@@ -280,10 +307,20 @@ def list_samples(
     gt_paths = [gt_dir / f"{i}.png" for i in ids]
     maps_coco = cfg.kind == "coco" and k == 81
 
-    # Labels: from a file, or from the masks (whose values we then also use to detect the COCO convention).
+    # Labels: from the labels file, or (opt-in) from the seeds, whose values then also tell the COCO convention.
     seed_values: list[set[int]] | None = None
-    label_source = None
-    if labels_path is not None:
+    if not need_labels:
+        label_lists = [[] for _ in ids]
+    elif cfg.labels_from_seeds:
+        warn(f"image-level labels taken from the seeds in {seeds_dir} (data.labels_from_seeds): a class "
+             "the seed misses is filtered out of the pseudo masks and left out of the CRF")
+        seed_values = mask_values(seed_paths, desc="reading labels from seeds")
+        lut = COCO_ID_TO_CONTIGUOUS if maps_coco and detect_coco_ids(seed_values) else np.arange(256)
+        drop = {0, 255, cfg.ignore_index}
+        label_lists = [sorted({int(lut[v]) for v in vals} - drop) for vals in seed_values]
+    else:
+        if labels_path is None or not labels_path.is_file():
+            raise _missing_labels(cfg, labels_path)
         table = read_labels_file(labels_path, names)
         missing = [i for i in ids if i not in table]
         if missing:
@@ -292,32 +329,20 @@ def list_samples(
         if maps_coco and any(v > 80 for labels in table.values() for v in labels):
             label_lists = [[int(COCO_ID_TO_CONTIGUOUS[v]) if v < 256 else v for v in labels]
                            for labels in label_lists]
-        label_source = str(labels_path)
-    else:
-        from_seeds = need_seeds or seeds_dir.is_dir()
-        source = seed_paths if from_seeds else gt_paths if need_gt else None
-        if source is None:
-            label_lists = [[] for _ in ids]
-        else:
-            values = _mask_values(source, desc="reading labels from masks")
-            lut = COCO_ID_TO_CONTIGUOUS if maps_coco and detect_coco_ids(values) else np.arange(256)
-            drop = {0, 255, cfg.ignore_index}
-            label_lists = [sorted({int(lut[v]) for v in vals} - drop) for vals in values]
-            seed_values = values if from_seeds else None
-            label_source = str(source[0].parent)
 
     for i, labels in zip(ids, label_lists, strict=True):
         bad = [v for v in labels if not 1 <= v < k]
         if bad:
-            raise WeakclipError(f"{label_source}: {i}: class {bad[0]} outside 1..{k - 1}")
+            where = seeds_dir if cfg.labels_from_seeds else labels_path
+            raise WeakclipError(f"{where}: {i}: class {bad[0]} outside 1..{k - 1}")
 
     seed_coco = gt_coco = False
     if maps_coco and need_seeds:
-        values = seed_values if seed_values is not None else _mask_values(
+        values = seed_values if seed_values is not None else mask_values(
             [p for p in _spread(seed_paths, _DETECT_MASKS) if p.is_file()], desc=None)
         seed_coco = detect_coco_ids(values)
     if maps_coco and need_gt:
-        gt_coco = detect_coco_ids(_mask_values(
+        gt_coco = detect_coco_ids(mask_values(
             [p for p in _spread(gt_paths, _DETECT_MASKS) if p.is_file()], desc=None))
 
     return [

@@ -92,6 +92,13 @@ def _create(cfg: ClipConfig, device: str = "cpu") -> nn.Module:
     return open_clip.create_model(cfg.model, pretrained=None, device=device)
 
 
+def weights_file(pretrained: str) -> Path | None:
+    """``model.clip.pretrained`` as a local weights file, or None when it names an open_clip tag."""
+    if os.path.exists(pretrained) or pretrained.endswith(_WEIGHT_SUFFIXES) or os.sep in pretrained:
+        return Path(pretrained)
+    return None
+
+
 def load_clip(cfg: ClipConfig) -> nn.Module:
     """Build the open_clip model named by ``cfg`` and load its weights; returns an fp32 model in eval mode.
 
@@ -106,8 +113,7 @@ def load_clip(cfg: ClipConfig) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_CLIP_SEED)
             model = _create(cfg)
-    elif os.path.exists(pretrained) or pretrained.endswith(_WEIGHT_SUFFIXES) or os.sep in pretrained:
-        path = Path(pretrained)
+    elif (path := weights_file(pretrained)) is not None:
         if not path.is_file():
             raise WeakclipError(f"{path}: CLIP weights file not found")
         if _is_torchscript_archive(path):

@@ -377,10 +377,10 @@ def train_loop(
                     log.add(it, {f"val/{k}": v for k, v in scores.items()})
                     bar.write(f"iteration {it}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
             if it % spec.checkpoint_every == 0 or it == spec.iters:
+                if log is not None:  # first: a checkpoint on disk implies the scalars up to it are too
+                    log.flush()
                 save(it)
                 last_saved = it
-                if log is not None:
-                    log.flush()
     except (KeyboardInterrupt, _Interrupted):
         if it > start and it != last_saved:
             save(it)

@@ -12,6 +12,7 @@ wrote which image.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -32,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .config import Config, CRFConfig, InferConfig
+from .clip import RANDOM_CLIP_SEED, weights_file
+from .config import ClipConfig, Config, CRFConfig, InferConfig, ModelConfig
 from .crf import dense_crf_pydensecrf
-from .data.datasets import Sample, load_image
+from .data.datasets import Sample, labels_source, load_image
 from .data.masks import write_mask
 from .distributed import (
     DistInfo,
@@ -465,26 +467,103 @@ def refiner_predictor(model: torch.nn.Module, device: torch.device) -> Predictor
     return predict
 
 
+# Model settings that shape the trained weights (with the CLIP architecture: model.clip.arch, else
+# model.clip.model): a run config must agree with the checkpoint on these.
+ARCHITECTURE_KEYS = (
+    "learnable_prompts", "n_ctx", "name_length", "pyramid_adapter", "co_attention", "coattn_width",
+    "coattn_heads", "coattn_layers", "text_guided_decoder", "decoder_channels",
+)
+
+
+def _architecture(model: dict) -> dict:
+    clip = model["clip"]
+    return {"clip.arch" if clip["arch"] else "clip.model": clip["arch"] or clip["model"],
+            **{key: model[key] for key in ARCHITECTURE_KEYS}}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and key != "arch" else
+                   {f"{prefix}{key}": value})
+    return out
+
+
 def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
-    """Build the WeakCLIP model of ``cfg`` and load a weights file written by ``weakclip train``."""
-    from .engine import load_weights
+    """The WeakCLIP model a ``weakclip train`` checkpoint was trained as, with its weights loaded.
+
+    The model is built from the config stored in the checkpoint (its settings, classes and architecture);
+    only the frozen CLIP's weights, which checkpoints do not hold, come from ``cfg.model.clip.pretrained``.
+    A run config whose classes or architecture (``ARCHITECTURE_KEYS``) disagree is refused in one line;
+    other model settings that differ (taps, normalisation, ...) are the checkpoint's, with a warning.
+    """
+    import yaml
+
+    from .config import config_from_dict
+    from .engine import load_weights, read_header
+    from .errors import warn
     from .model import build_model
 
-    if not Path(checkpoint).is_file():
-        raise WeakclipError(f"{checkpoint}: checkpoint not found")
-    model = build_model(cfg.model, cfg.data.class_names)
+    header = read_header(checkpoint)
+    if "config" not in header:
+        raise WeakclipError(f"{checkpoint}: no config in its header (not a checkpoint written by weakclip train)")
+    trained = config_from_dict(yaml.safe_load(header["config"]))
+    if trained.data.class_names != cfg.data.class_names:
+        raise WeakclipError(
+            f"{checkpoint}: trained on {trained.num_classes} classes ({', '.join(trained.data.class_names[:3])}, "
+            f"...), the config has {cfg.num_classes} ({', '.join(cfg.data.class_names[:3])}, ...)")
+    ours, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(trained.model)
+    arch_ours, arch_theirs = _architecture(ours), _architecture(theirs)
+    if arch_ours != arch_theirs:
+        key = next(k for k in arch_theirs if arch_theirs[k] != arch_ours.get(k))
+        where = key if key in arch_ours else "clip.arch" if key == "clip.model" else "clip.model"
+        raise WeakclipError(f"{checkpoint}: trained with model.{key}={arch_theirs[key]!r}, the config has "
+                            f"model.{where}={arch_ours[where]!r}")
+    ours, theirs = _flat(ours), _flat(theirs)
+    differ = [k for k in theirs if k not in ("clip.pretrained", "clip.model", "clip.arch") and theirs[k] != ours[k]]
+    if differ:
+        warn(f"{checkpoint} was trained with " + ", ".join(f"model.{k}={theirs[k]!r}" for k in differ)
+             + " (the config differs): the checkpoint's settings are used")
+    clip = dataclasses.replace(trained.model.clip, pretrained=cfg.model.clip.pretrained)
+    model = build_model(dataclasses.replace(trained.model, clip=clip), trained.data.class_names)
     load_weights(checkpoint, model)
     return model
 
 
-def inference_fingerprint(cfg: Config, checkpoint: str | Path) -> dict:
-    """Everything that changes a label map: the checkpoint's bytes, the classes, the data and the inference
-    settings. Not the list, nor the batch size or worker counts, which change only the speed."""
-    if not Path(checkpoint).is_file():
-        raise WeakclipError(f"{checkpoint}: checkpoint not found")
+def clip_weights_identity(clip: ClipConfig) -> str:
+    """Which CLIP weights a model runs with: a local file's sha256, an open_clip tag, or the fixed random init."""
+    if clip.pretrained is None:
+        return f"random init (seed {RANDOM_CLIP_SEED})"
+    path = weights_file(clip.pretrained)
+    return f"sha256 {file_sha256(path)}" if path is not None else f"open_clip tag {clip.pretrained}"
+
+
+def _labels_identity(cfg: Config, samples: Sequence[Sample]) -> dict:
+    """Where the image-level labels come from and what they are: the labels file's sha256 (whatever the
+    list), or, for labels taken from the seeds, a digest of the listed images' labels."""
+    source = labels_source(cfg.data)
+    if source.startswith("file ") and Path(source[5:]).is_file():
+        return {"source": source, "sha256": file_sha256(source[5:])}
+    text = json.dumps([[s.id, list(s.labels)] for s in samples])
+    return {"source": source, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def inference_fingerprint(cfg: Config, checkpoint: str | Path, model: torch.nn.Module, samples: Sequence[Sample],
+                          use_labels: bool) -> dict:
+    """Everything that changes a label map, for the manifest: the checkpoint's bytes; for a refiner its model
+    settings (CLIP model, normalisation, class token, taps, ...) and the identity of its CLIP weights; the
+    classes; the image-level labels and their source (when the filter uses them); the data root and the
+    inference settings. Not the list or the share, nor the batch size or worker counts (speed only)."""
     speed_only = ("crf_workers", "save_probs_size", "batch_size")
     infer = {k: v for k, v in cfg.infer.__dict__.items() if k not in speed_only}
-    return {"checkpoint_sha256": file_sha256(checkpoint), "classes": cfg.data.class_names,
+    settings = getattr(model, "cfg", None)
+    refiner = None
+    if isinstance(settings, ModelConfig):  # a retrained segmenter's settings are all in its checkpoint
+        tree = dataclasses.asdict(settings)
+        del tree["clip"]["pretrained"]  # stands for the weights' identity, not the path
+        refiner = {"model": tree, "clip_weights": clip_weights_identity(settings.clip)}
+    return {"checkpoint_sha256": file_sha256(checkpoint), "refiner": refiner, "classes": cfg.data.class_names,
+            "labels": _labels_identity(cfg, samples) if use_labels else None,
             "data_root": str(Path(cfg.data.root).resolve()),
             "infer": json.loads(json.dumps(infer, default=lambda o: o.__dict__))}
 
@@ -500,12 +579,12 @@ def pseudo_masks(cfg: Config, checkpoint: str | Path, output: str | Path, split:
 
     info = info or init_distributed(INFERENCE_TIMEOUT)
     split = split or cfg.data.split
-    samples, fingerprint = run_once(
-        lambda: (list_samples(cfg.data, split, need_seeds=False, need_labels=cfg.infer.label_filter),
-                 inference_fingerprint(cfg, checkpoint)), info)
-    predict = refiner_predictor(load_refiner(cfg, checkpoint), info.device)
+    use_labels = cfg.infer.label_filter
+    samples = run_once(lambda: list_samples(cfg.data, split, need_seeds=False, need_labels=use_labels), info)
+    model = load_refiner(cfg, checkpoint)
+    fingerprint = run_once(lambda: inference_fingerprint(cfg, checkpoint, model, samples, use_labels), info)
     summary = write_label_maps(
-        predict, samples, output, cfg.infer, info, fingerprint, use_labels=cfg.infer.label_filter,
+        refiner_predictor(model, info.device), samples, output, cfg.infer, info, fingerprint, use_labels=cfg.infer.label_filter,
         crf_params=cfg.infer.crf_params if cfg.infer.crf else None, save_probs=save_probs,
         ignore_index=cfg.data.ignore_index, desc="pseudo-masks", shard=shard)
     return summary if info.is_main else None
@@ -517,6 +596,7 @@ def validator(cfg: Config, info: DistInfo) -> Callable[[torch.nn.Module], dict[s
     truth is absent; images without ground truth are left out, with a note."""
     from .data.datasets import list_samples, preflight
     from .errors import warn
+    from .metrics import ConfusionMeter
 
     note = warn if info.is_main else (lambda message: None)
     try:

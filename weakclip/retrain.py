@@ -183,15 +183,18 @@ def segmenter_predictor(model: Segmenter, device: torch.device) -> Predictor:
     return predict
 
 
-def load_predictor(cfg: Config, checkpoint: str | Path, device: torch.device) -> Predictor:
-    """A Predictor from a retrained-segmenter or a WeakCLIP refiner checkpoint, told apart by the header."""
+def load_predictor(cfg: Config, checkpoint: str | Path, device: torch.device) -> tuple[Predictor, nn.Module]:
+    """A Predictor and its model from a retrained-segmenter or a WeakCLIP refiner checkpoint, told apart by
+    the header."""
     checkpoint = Path(checkpoint)
     header = read_header(checkpoint)
     kind = header.get("format")
     if kind == SEGMENTER_FORMAT:
-        return segmenter_predictor(load_segmenter(cfg, checkpoint, header), device)
+        model = load_segmenter(cfg, checkpoint, header)
+        return segmenter_predictor(model, device), model
     if kind == REFINER_FORMAT:
-        return refiner_predictor(load_refiner(cfg, checkpoint), device)
+        model = load_refiner(cfg, checkpoint)
+        return refiner_predictor(model, device), model
     raise WeakclipError(f"{checkpoint}: not written by `weakclip retrain` or `weakclip train` "
                         f"(header format {kind!r}, expected '{SEGMENTER_FORMAT}' or '{REFINER_FORMAT}')")
 
@@ -227,10 +230,10 @@ def predict(cfg: Config, checkpoint: str | Path, split: str, output: str | Path,
         raise WeakclipError(f"predict: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     output = Path(output)
     info = info or init_distributed(INFERENCE_TIMEOUT)
-    samples, fingerprint = run_once(lambda: (split_samples(cfg, split), inference_fingerprint(cfg, checkpoint)),
-                                    info)
-    predictor = load_predictor(cfg, checkpoint, info.device)
+    samples = run_once(lambda: split_samples(cfg, split), info)
+    predictor, model = load_predictor(cfg, checkpoint, info.device)
     labels_dir = output / "labels" if fmt == "voc-test" else output
+    fingerprint = run_once(lambda: inference_fingerprint(cfg, checkpoint, model, samples, use_labels=False), info)
     summary = write_label_maps(
         predictor, samples, labels_dir, cfg.infer, info, fingerprint,
         use_labels=False, crf_params=cfg.infer.crf_params if cfg.infer.crf else None,

@@ -75,10 +75,9 @@ def require_batch_first(transformer: nn.Module, tower: str) -> None:
     """The wrappers feed (B, L, C) tokens; open_clip before 2.26.1 runs its transformers sequence-first,
     where the same call would silently attend across the batch."""
     if not getattr(transformer, "batch_first", False):
-        raise WeakclipError(
-            f"open_clip_torch {importlib.metadata.version('open_clip_torch')}: the CLIP {tower} transformer runs sequence-first; weakclip "
-            f"needs batch-first transformers (pip install 'open_clip_torch>=2.26.1,<4')"
-        )
+        version = importlib.metadata.version("open_clip_torch")
+        raise WeakclipError(f"open_clip_torch {version}: the CLIP {tower} transformer runs sequence-first; weakclip "
+                            "needs batch-first transformers (pip install 'open_clip_torch>=2.26.1,<4')")
 
 
 def _create(cfg: ClipConfig, device: str = "cpu") -> nn.Module:

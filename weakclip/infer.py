@@ -507,7 +507,10 @@ def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
     header = read_header(checkpoint)
     if "config" not in header:
         raise WeakclipError(f"{checkpoint}: no config in its header (not a checkpoint written by weakclip train)")
-    trained = config_from_dict(yaml.safe_load(header["config"]))
+    try:
+        trained = config_from_dict(yaml.safe_load(header["config"]))
+    except (WeakclipError, yaml.YAMLError) as exc:
+        raise WeakclipError(f"{checkpoint}: the config stored in it does not load ({exc})") from None
     if trained.data.class_names != cfg.data.class_names:
         raise WeakclipError(
             f"{checkpoint}: trained on {trained.num_classes} classes ({', '.join(trained.data.class_names[:3])}, "
@@ -520,7 +523,7 @@ def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
         raise WeakclipError(f"{checkpoint}: trained with model.{key}={arch_theirs[key]!r}, the config has "
                             f"model.{where}={arch_ours[where]!r}")
     ours, theirs = _flat(ours), _flat(theirs)
-    differ = [k for k in theirs if k not in ("clip.pretrained", "clip.model", "clip.arch") and theirs[k] != ours[k]]
+    differ = [k for k in theirs if k not in ("clip.pretrained", "clip.model", "clip.arch") and theirs[k] != ours.get(k)]
     if differ:
         warn(f"{checkpoint} was trained with " + ", ".join(f"model.{k}={theirs[k]!r}" for k in differ)
              + " (the config differs): the checkpoint's settings are used")

@@ -246,7 +246,7 @@ def labels_source(cfg: DataConfig) -> str:
     if cfg.kind == "folder":
         found = [p for p in (root / "labels.json", root / "labels.csv") if p.is_file()]
         return f"file {found[0] if found else root / 'labels.json'}"
-    return f"file {root / cfg.labels_file}" if cfg.labels_file else "file (none: data.labels_file is null)"
+    return f"file {root / cfg.labels_file}" if cfg.labels_file else "none"
 
 
 def _missing_labels(cfg: DataConfig, path: Path | None) -> WeakclipError:

@@ -16,6 +16,7 @@ from PIL import Image
 from weakclip.cli import main
 from weakclip.config import load_config
 from weakclip.data.datasets import list_samples
+from weakclip.distributed import DistInfo
 from weakclip.data.masks import read_mask, write_mask
 from weakclip.data.voc import prepare_voc
 from weakclip.errors import WeakclipError
@@ -23,6 +24,8 @@ from weakclip.infer import label_filter, write_label_maps
 
 MISSED_CAR = "2007_001857"  # labels [7 car, 15 person]; its simulated seed holds only the person
 EMPTY_SEED = "2007_000713"  # labels [4 boat]; its seed is all background
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------- prepare-voc
@@ -89,7 +92,7 @@ def test_a_labelled_class_the_seed_misses_is_kept_by_the_filter_and_the_crf(voc_
     assert cls in keys and not unknown.any()
 
     out = tmp_path / "masks"
-    write_label_maps(_Everywhere(21, cls), [sample], out, cfg.infer, torch.device("cpu"), {"run": 1},
+    write_label_maps(_Everywhere(21, cls), [sample], out, cfg.infer, CPU, {"run": 1},
                      use_labels=True, crf_params=cfg.infer.crf_params, progress=False)
     mask = read_mask(out / f"{image_id}.png")
     assert (mask == cls).mean() > 0.9  # through the CRF over background + the image's labels
@@ -97,7 +100,7 @@ def test_a_labelled_class_the_seed_misses_is_kept_by_the_filter_and_the_crf(voc_
     # The same run with labels taken from the seed loses the class: every pixel becomes unknown (255).
     seeded = load_config(str(write_tiny_config(tmp_path / "s.yaml", root, data={"labels_from_seeds": True})))
     (from_seed,) = list_samples(seeded.data, need_seeds=False)
-    write_label_maps(_Everywhere(21, cls), [from_seed], out, cfg.infer, torch.device("cpu"), {"run": 2},
+    write_label_maps(_Everywhere(21, cls), [from_seed], out, cfg.infer, CPU, {"run": 2},
                      use_labels=True, crf_params=cfg.infer.crf_params, progress=False)
     assert (read_mask(out / f"{image_id}.png") == 255).all()
 

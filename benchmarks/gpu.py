@@ -10,7 +10,9 @@
 - pseudo-mask inference: the VOC settings (6 scales x flip, 512 sliding windows, stride 341) on 500 x 375
   images, for window batch sizes 1, 8 and 16 (``infer.batch_size``): the network alone, and the whole
   stage (``write_label_maps``: network, Eq. 14 filter, dense CRF in the worker pool at its default size,
-  PNGs), images/s, with the CRF worker count it used.
+  PNGs), images/s, with the CRF worker count it used,
+  in fp32 (the default); and the share of pixels whose argmax agrees between fp32 and bf16 autocast
+  (``infer.precision: bf16``), with the bf16 images/s (random weights: a pretrained model's margins differ).
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ def main() -> None:
             write_label_maps(predict, samples, Path(tmp) / f"masks{batch_size}", icfg, info, {"benchmark": True},
                              use_labels=True, crf_params=icfg.crf_params, progress=False)
             result[f"pseudo_mask_images_per_s_batch{batch_size}"] = round(n_images / (time.perf_counter() - t), 3)
+        labels = {}
+        icfg.batch_size = InferConfig().batch_size
+        for precision in ("fp32", "bf16"):  # fp32 is the default; bf16 autocast is the opt-in
+            predict = refiner_predictor(model, device, precision)
+            t = time.perf_counter()
+            labels[precision] = [multiscale_probs(predict, image, icfg, device).argmax(0) for image in images]
+            sync_device(device)
+            result[f"pseudo_mask_model_{precision}_images_per_s"] = round(n_images / (time.perf_counter() - t), 3)
+        agree = [float((a == b).float().mean()) for a, b in zip(labels["fp32"], labels["bf16"])]
+        result["fp32_vs_bf16_pixel_agreement"] = round(sum(agree) / len(agree), 5)
     print_result(result, as_json=True)
 
 

@@ -38,24 +38,31 @@ def test_odd_input_sizes_give_quarter_resolution_logits(model_cfg):
     assert out["score_map"].shape == (1, 21, 13, 16)
 
 
-def test_decoder_equals_plain_module_composition(model_cfg):
+@pytest.mark.parametrize("released", [False, True])
+@pytest.mark.parametrize("size", [(128, 192), (80, 112), (64, 91), (200, 250)])
+def test_decoder_equals_plain_module_composition(model_cfg, size, released):
     # The fused adapter->lateral path and the head's shared upsampling against the textbook order:
-    # adapter maps, score map concatenated, FPN laterals, every head branch upsampled on its own, summed.
-    model = _build(model_cfg).eval()
-    images = torch.randint(0, 256, (2, 3, 128, 192), dtype=torch.uint8)
+    # adapter maps, score map concatenated, FPN laterals, every head branch upsampled on its own and
+    # bilinearly resized to the finest level when it does not land there, summed. Odd token grids
+    # (5 x 7, 4 x 5, 13 x 16) floor the 1/32 level, whose branch then needs the resize.
+    model = _build(model_cfg, released=released).eval()
+    images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
     with torch.no_grad():
         out = model(images)
-        feats = model.visual((images.float() - model.mean) / model.std)
+        feats = model.visual(model.normalize(images))
         levels = model.adapter(feats.taps)
+        assert levels[3].shape[2:] == (levels[2].shape[2] // 2, levels[2].shape[3] // 2)  # floor, as released
         levels = [torch.cat([f, F.interpolate(out["score_map"], size=f.shape[2:], mode="bilinear",
                                               align_corners=True)], dim=1) for f in levels]
         neck = model.neck(levels)
         head = model.head
         fused = head.branches[0](neck[0])
         for branch, f in zip(head.branches[1:], neck[1:]):
-            fused = fused + branch(f)
+            fused = fused + F.interpolate(branch(f), size=fused.shape[2:], mode="bilinear", align_corners=False)
         ref = head.classifier(fused)
-    torch.testing.assert_close(out["logits"], ref, rtol=1e-4, atol=1e-4)
+    h, w = (-(-size[0] // 4), -(-size[1] // 4)) if not released else (4 * (size[0] // 16), 4 * (size[1] // 16))
+    assert out["logits"].shape[2:] == (h, w)
+    torch.testing.assert_close(out["logits"], ref[:, :, :h, :w], rtol=1e-4, atol=1e-4)
 
 
 def test_deconv2x2_equals_conv_transpose():

@@ -37,6 +37,26 @@ def test_padding_is_ignore_in_seed_and_zero_in_image() -> None:
     assert (out_seed[:32, :48] != 255).all()  # the input had no ignore pixels
 
 
+def test_padding_with_the_mean_colour_is_zero_after_normalisation(tiny_clip_cfg) -> None:
+    import torch
+
+    from weakclip.clip import input_stats
+    from weakclip.config import VOC_CLASSES, ModelConfig
+    from weakclip.model import build_model
+
+    image, seed = _asymmetric(100, 150)
+    model = build_model(ModelConfig(clip=tiny_clip_cfg, released=True), list(VOC_CLASSES))
+    mean = [m * 255 for m in input_stats("imagenet")[0]]
+    t = TrainTransform(crop_size=64, base_size=(2048, 32), scale_range=(1.0, 1.0), photometric=False,
+                       pad_value=mean)
+    out_image, out_seed = t(image, seed, np.random.default_rng(0))
+    assert out_image.dtype == np.float32 and (out_seed[32:] == 255).all()
+    x = model.normalize(torch.from_numpy(out_image).permute(2, 0, 1)[None])[0]
+    assert (x[:, 32:] == 0).all() and (x[:, :, 48:] == 0).all()
+    assert (x[:, :32, :48] != 0).any()  # the image itself is untouched
+    assert (out_image[:32, :48] == out_image[:32, :48].round()).all()  # still whole grey levels inside
+
+
 def test_flip_keeps_image_and_seed_aligned() -> None:
     image, seed = _asymmetric()
     # No rescale (fits exactly), crop = whole image, no photometric: only the flip changes anything.

@@ -137,6 +137,16 @@ def cmd_demo(args) -> None:
              clip_model=args.clip_model, seeds=args.seeds)
 
 
+def cmd_convert_checkpoint(args) -> None:
+    from .config import load_config
+    from .released import convert_checkpoint
+
+    summary = convert_checkpoint(args.input, args.output, load_config(args.config, args.overrides),
+                                 vision_heads=args.vision_heads, text_heads=args.text_heads,
+                                 coattn_heads=args.coattn_heads)
+    print(json.dumps(summary, indent=1))
+
+
 def cmd_retrain(args) -> None:
     from .retrain import retrain
 
@@ -171,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pseudo-masks", help="multi-scale + flip + CRF pseudo masks with the Eq. 14 label filter")
     _add_config(p)
-    p.add_argument("--checkpoint", required=True, help="weights written by `weakclip train`")
+    p.add_argument("--checkpoint", required=True,
+                   help="weights written by `weakclip train` or `convert-checkpoint`, or a released .pth")
     p.add_argument("--output", required=True)
     p.add_argument("--split", help="list name (default: data.split)")
     p.add_argument("--save-probs", action="store_true",
@@ -229,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", choices=["files", "clip-es"], default="files",
                    help="files: the data's Seeds folder; clip-es: make seeds from the image-level labels first")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert-checkpoint",
+                       help="the authors' released .pth (mmcv) -> a weakclip checkpoint that runs in released mode")
+    p.add_argument("input", help="released checkpoint, e.g. train_74p03_iter_8000.pth")
+    p.add_argument("output", help="weakclip checkpoint to write (.safetensors)")
+    p.add_argument("--config", default="voc", help="config whose data/inference settings go with it (default: voc)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    for part, default in (("vision", 12), ("text", 8), ("coattn", 4)):
+        p.add_argument(f"--{part}-heads", type=int, help=f"attention heads of the {part} layers (released: {default})")
+    p.set_defaults(func=cmd_convert_checkpoint)
 
     p = sub.add_parser("retrain", help="train a fully supervised segmenter on pseudo masks")
     _add_config(p)

@@ -101,12 +101,13 @@ def weights_file(pretrained: str) -> Path | None:
 def load_clip(cfg: ClipConfig) -> nn.Module:
     """Build the open_clip model named by ``cfg`` and load its weights; returns an fp32 model in eval mode.
 
-    ``cfg.pretrained`` may be null (random init, always the same: seed ``RANDOM_CLIP_SEED``), a local file (an OpenAI TorchScript archive, or an
-    open_clip / OpenAI state dict as .pt/.pth/.bin/.safetensors), or an open_clip pretrained tag, which
-    open_clip downloads on a machine with network access.
+    ``cfg.pretrained`` may be null (random init, always the same: seed ``RANDOM_CLIP_SEED``), a local file
+    (an OpenAI TorchScript archive, or an open_clip / OpenAI state dict as .pt/.pth/.bin/.safetensors), or an
+    open_clip pretrained tag, which open_clip downloads on a machine with network access. With
+    ``cfg.in_checkpoint`` the weights come later from the refiner checkpoint: the model is built random.
     """
     pretrained = cfg.pretrained
-    if pretrained is None:
+    if pretrained is None or cfg.in_checkpoint:
         # Random weights from a fixed seed: checkpoints hold no CLIP weights, so reloading one must rebuild
         # the very same random CLIP it was trained on.
         with torch.random.fork_rng(devices=[]):
@@ -200,10 +201,12 @@ class ClipVisual(nn.Module):
 
     Any input whose sides are multiples of the patch size works: the positional embedding is interpolated
     (bilinear, from CLIP's own grid) at every forward. Other sizes are zero-padded on the right and bottom
-    inside, so outputs cover ceil(H / p) x ceil(W / p) cells.
+    inside, so outputs cover ceil(H / p) x ceil(W / p) cells; with ``truncate`` (the released behaviour)
+    the patch convolution drops the last H mod p rows and W mod p columns instead: floor(H / p) x floor(W / p).
     """
 
-    def __init__(self, visual: nn.Module, taps: list[int] | None = None, class_token_twice: bool = False):
+    def __init__(self, visual: nn.Module, taps: list[int] | None = None, class_token_twice: bool = False,
+                 truncate: bool = False):
         super().__init__()
         if not isinstance(visual, VisionTransformer):
             raise WeakclipError(f"weakclip needs a CLIP ViT image tower; got {type(visual).__name__}")
@@ -216,6 +219,7 @@ class ClipVisual(nn.Module):
         if len(self.taps) != 4 or not all(1 <= t <= depth for t in self.taps) or sorted(self.taps) != self.taps:
             raise WeakclipError(f"model.clip.taps: need 4 increasing block indices in 1..{depth}, got {self.taps}")
         self.class_token_twice = class_token_twice
+        self.truncate = truncate
         self.patch_size = int(visual.conv1.kernel_size[0])
         self.width = int(visual.conv1.out_channels)
         self.embed_dim = int(visual.proj.shape[1])
@@ -236,11 +240,12 @@ class ClipVisual(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> VisualFeatures:
-        """images: (B, 3, H, W) normalised. Returns :class:`VisualFeatures` on the ceil(H/p) x ceil(W/p) grid."""
+        """images: (B, 3, H, W) normalised. Returns :class:`VisualFeatures` on the ceil(H/p) x ceil(W/p) grid
+        (floor with ``truncate``)."""
         v = self.visual
         p = self.patch_size
         pad_h, pad_w = (-images.shape[2]) % p, (-images.shape[3]) % p
-        if pad_h or pad_w:
+        if (pad_h or pad_w) and not self.truncate:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         x = v.conv1(images)  # (B, C, gh, gw)
         b, c, gh, gw = x.shape
@@ -382,7 +387,11 @@ class PromptTextEncoder(nn.Module):
 
 
 def input_stats(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std (RGB, 0..1 scale) for ``normalize`` = "clip" or "imagenet"."""
+    """Mean and std (RGB, 0..1 scale) for ``normalize`` = "clip" or "imagenet".
+
+    Multiplied by 255 in float64 they give the 0..255 constants exactly as written in the released
+    configs (123.675, 116.28, 103.53 / 58.395, 57.12, 57.375) once rounded to float32.
+    """
     if normalize == "clip":
         return CLIP_MEAN, CLIP_STD
     if normalize == "imagenet":

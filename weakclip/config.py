@@ -36,11 +36,19 @@ class ClipConfig:
     taps: list[int] | None = None
     normalize: str = "clip"  # "clip" or "imagenet" (released)
     class_token_twice: bool = False  # released quirk: CLS input = 2 * class_embedding + pos[0]
+    # The CLIP weights are stored in the refiner checkpoint itself (converted released checkpoints, whose
+    # CLIP drifted during training): ``pretrained`` is ignored and checkpoints keep CLIP's weights too.
+    in_checkpoint: bool = False
 
 
 @dataclass
 class ModelConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
+    # Reproduce the released code's forward where ours differs on purpose: class token added twice,
+    # ImageNet normalisation, co-attention layers applied to the original inputs (only the last counts),
+    # sizes that are not a multiple of the patch truncated instead of padded, released loss details
+    # (auxiliary CE over all pixels, boundary-CRF colours by corner-aligned zoom and truncation).
+    released: bool = False
     # Text side (Table 4 row "learnable prompts", Table 5 N).
     learnable_prompts: bool = True
     n_ctx: int = 8
@@ -157,6 +165,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 20
     val_every: int = 0  # 0: no periodic validation
+    # Initial weights: a weakclip checkpoint, or a released .pth (its own architecture, in released mode).
+    init_from: str | None = None
 
 
 @dataclass
@@ -174,6 +184,10 @@ class InferConfig:
     batch_size: int = 8  # windows per network call, across views and flips (speed only)
     crf_workers: int | None = None  # CRF processes; null: the cores available to the process but one
     save_probs_size: int = 128  # --save-probs keeps float16 probabilities at this short side
+    precision: str = "fp32"  # "fp32" (as released) or "bf16" (autocast, for GPUs)
+    # How views are resized: "torch" (bilinear, antialiased when shrinking), "cv2" (OpenCV bilinear on uint8,
+    # the released test pipeline; needs weakclip[released]), "auto": cv2 for released models, else torch.
+    view_resize: str = "auto"
 
 
 @dataclass

@@ -123,25 +123,58 @@ def sliding_logits(predict: Predictor, views: Sequence[Tensor], crop: int, strid
 
 
 @torch.no_grad()
+def view_probs(predict: Predictor, views: Sequence[Tensor], flipped: Sequence[bool], size: tuple[int, int],
+               crop: int, stride: int, batch_size: int = 1) -> Tensor:
+    """Views (3, h_i, w_i) of one image -> their probabilities (N, K, H, W) at the image's ``size``.
+
+    Per view: sliding-window logits, bilinearly resized to ``size``, softmax, flipped back where ``flipped``
+    (what :func:`multiscale_probs` averages, kept per view).
+    """
+    out: list[Tensor | None] = [None] * len(views)
+    for v, logits in sliding_logits(predict, views, crop, stride, batch_size):
+        probs = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].softmax(0)
+        out[v] = probs.flip(-1) if flipped[v] else probs
+    return torch.stack(out)
+
+
+def resize_view(image: np.ndarray, size: tuple[int, int], method: str, device: torch.device) -> Tensor:
+    """image (H, W, 3) uint8 -> (1, 3, h, w) uint8 on ``device``, for ``method`` "torch" or "cv2".
+
+    "torch": bilinear, antialiased when shrinking, rounded. "cv2": OpenCV's bilinear on uint8, as the released
+    test pipeline (mmcv ``imrescale``) resizes, so its views are bit-identical to the released ones.
+    """
+    h, w = size
+    if method == "cv2":
+        try:
+            import cv2
+        except ImportError:
+            raise WeakclipError('infer.view_resize cv2 needs OpenCV: pip install "weakclip[released]"') from None
+        out = cv2.resize(np.ascontiguousarray(image, dtype=np.uint8), (w, h), interpolation=cv2.INTER_LINEAR)
+        return torch.from_numpy(out).permute(2, 0, 1)[None].to(device)
+    if method not in ("torch", "auto"):
+        raise WeakclipError(f"infer.view_resize: expected auto, torch or cv2, got '{method}'")
+    src = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(device).float()
+    x = F.interpolate(src, size=size, mode="bilinear", align_corners=False, antialias=h < image.shape[0])
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
 def multiscale_probs(predict: Predictor, image: np.ndarray, icfg: InferConfig, device: torch.device,
                      scales: Sequence[float] | None = None, flip: bool | None = None,
                      batch_size: int | None = None) -> Tensor:
     """image (H, W, 3) uint8 -> class probabilities (K, H, W) float32 on ``device``.
 
-    Per view (scale x flip): sliding-window logits, resized to (H, W), softmax, un-flipped; the views'
-    probabilities are averaged. Windows go through the network ``batch_size`` at a time (default
-    ``icfg.batch_size``), across views; the result equals the one-window-at-a-time result up to float
-    rounding.
+    Per view (scale x flip, resized by ``icfg.view_resize``): sliding-window logits, resized to (H, W),
+    softmax, un-flipped; the views' probabilities are averaged. Windows go through the network
+    ``batch_size`` at a time (default ``icfg.batch_size``), across views; the result equals the
+    one-window-at-a-time result up to float rounding.
     """
     scales = icfg.scales if scales is None else scales
     flip = icfg.flip if flip is None else flip
     h, w = image.shape[:2]
-    src = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(device).float()
     views, flipped = [], []
     for s in scales:
-        vh, vw = view_size(h, w, icfg.short_side, s)
-        x = F.interpolate(src, size=(vh, vw), mode="bilinear", align_corners=False, antialias=vh < h)
-        x = x.round().clamp(0, 255).to(torch.uint8)[0]
+        x = resize_view(image, view_size(h, w, icfg.short_side, s), icfg.view_resize, device)[0]
         views += [x, x.flip(-1)] if flip else [x]
         flipped += [False, True] if flip else [False]
     total = None
@@ -452,14 +485,17 @@ def _save_probs(path: Path, kept: Tensor, keys: Sequence[int], unknown: Tensor, 
 # ------------------------------------------------------------------------------------------- models
 
 
-def refiner_predictor(model: torch.nn.Module, device: torch.device) -> Predictor:
-    """A WeakCLIP model as a Predictor (bf16 autocast on GPUs). The class embeddings, which do not depend
-    on the image, are computed at the first call and reused for every later window."""
+def refiner_predictor(model: torch.nn.Module, device: torch.device, precision: str = "fp32") -> Predictor:
+    """A WeakCLIP model as a Predictor: fp32 (as released), or ``precision`` "bf16" autocast (for GPUs). The
+    class embeddings, which do not depend on the image, are computed at the first call and reused for every
+    later window."""
+    if precision not in ("fp32", "bf16"):
+        raise WeakclipError(f"infer.precision: expected fp32 or bf16, got '{precision}'")
     model.to(device).eval()
     text: list[Tensor] = []
 
     def predict(images: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             if not text:
                 text.append(model.text())
             return model(images, text=text[0])["logits"]
@@ -489,6 +525,14 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def refiner_infer_config(icfg: InferConfig, model: torch.nn.Module) -> InferConfig:
+    """``icfg`` with ``view_resize`` "auto" resolved for ``model``: cv2 for a released-mode refiner, else torch."""
+    if icfg.view_resize != "auto":
+        return icfg
+    released = bool(getattr(getattr(model, "cfg", None), "released", False))
+    return dataclasses.replace(icfg, view_resize="cv2" if released else "torch")
+
+
 def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
     """The WeakCLIP model a ``weakclip train`` checkpoint was trained as, with its weights loaded.
 
@@ -496,6 +540,10 @@ def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
     only the frozen CLIP's weights, which checkpoints do not hold, come from ``cfg.model.clip.pretrained``.
     A run config whose classes or architecture (``ARCHITECTURE_KEYS``) disagree is refused in one line;
     other model settings that differ (taps, normalisation, ...) are the checkpoint's, with a warning.
+
+    Self-contained checkpoints run as they are, whatever the run config's model section, which is replaced
+    in place by theirs: a released ``.pth`` (converted on the fly, in ``released`` mode) and a converted
+    one (``weakclip convert-checkpoint``), which hold their CLIP weights.
     """
     import yaml
 
@@ -503,7 +551,12 @@ def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
     from .engine import load_weights, read_header
     from .errors import warn
     from .model import build_model
+    from .released import is_torch_archive, load_released
 
+    if is_torch_archive(checkpoint):
+        model, released_cfg, _ = load_released(checkpoint, cfg)
+        cfg.model, cfg.data.class_names = released_cfg.model, released_cfg.data.class_names  # what runs
+        return model
     header = read_header(checkpoint)
     if "config" not in header:
         raise WeakclipError(f"{checkpoint}: no config in its header (not a checkpoint written by weakclip train)")
@@ -511,6 +564,11 @@ def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
         trained = config_from_dict(yaml.safe_load(header["config"]))
     except (WeakclipError, yaml.YAMLError) as exc:
         raise WeakclipError(f"{checkpoint}: the config stored in it does not load ({exc})") from None
+    if trained.model.clip.in_checkpoint:
+        cfg.model, cfg.data.class_names = trained.model, trained.data.class_names  # what runs
+        model = build_model(trained.model, trained.data.class_names)
+        load_weights(checkpoint, model)
+        return model
     if trained.data.class_names != cfg.data.class_names:
         raise WeakclipError(
             f"{checkpoint}: trained on {trained.num_classes} classes ({', '.join(trained.data.class_names[:3])}, "
@@ -534,7 +592,10 @@ def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
 
 
 def clip_weights_identity(clip: ClipConfig) -> str:
-    """Which CLIP weights a model runs with: a local file's sha256, an open_clip tag, or the fixed random init."""
+    """Which CLIP weights a model runs with: a local file's sha256, an open_clip tag, the fixed random init, or
+    the refiner checkpoint itself (released checkpoints carry their CLIP: the checkpoint's sha256 names it)."""
+    if clip.in_checkpoint:
+        return "stored in the checkpoint"
     if clip.pretrained is None:
         return f"random init (seed {RANDOM_CLIP_SEED})"
     path = weights_file(clip.pretrained)
@@ -584,7 +645,8 @@ def pseudo_masks(cfg: Config, checkpoint: str | Path, output: str | Path, split:
     split = split or cfg.data.split
     use_labels = cfg.infer.label_filter
     samples = run_once(lambda: list_samples(cfg.data, split, need_seeds=False, need_labels=use_labels), info)
-    model = load_refiner(cfg, checkpoint)
+    model = load_refiner(cfg, checkpoint)  # a released .pth replaces cfg's model section in place
+    cfg.infer = refiner_infer_config(cfg.infer, model)
     fingerprint = run_once(lambda: inference_fingerprint(cfg, checkpoint, model, samples, use_labels), info)
     summary = write_label_maps(
         refiner_predictor(model, info.device), samples, output, cfg.infer, info, fingerprint, use_labels=cfg.infer.label_filter,

@@ -2,7 +2,10 @@
 
 Follows the released code (``FPNHeadDGCN.forward_train``, ``dgcnutils``): seeding and boundary losses on the
 decoder output resized to ``cfg.size`` (64) squared, the auxiliary cross-entropy on score map / tau at the seed
-resolution. One released bug is fixed: the auxiliary CE averages over the non-ignored pixels only.
+resolution. One released bug is fixed: the auxiliary CE averages over the non-ignored pixels only. With
+``released`` the released details are kept: the CE divides by all pixels, and the boundary CRF sees colours
+made as the released numpy code made them (corner-aligned linear zoom of the normalised image, then
+de-normalised and truncated to uint8).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .clip import input_stats
 from .config import LossConfig
 from .crf import crf_refine
 from .errors import WeakclipError
@@ -65,7 +69,8 @@ def boundary_loss(probs: torch.Tensor, crf_probs: torch.Tensor) -> torch.Tensor:
 
 
 def aux_ce_loss(
-    score_map: torch.Tensor, seeds: torch.Tensor, tau: float = 0.07, ignore_index: int = 255
+    score_map: torch.Tensor, seeds: torch.Tensor, tau: float = 0.07, ignore_index: int = 255,
+    over_all_pixels: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of the text-pixel score map (DenseCLIP's identity head) against the seeds.
 
@@ -75,11 +80,13 @@ def aux_ce_loss(
         seeds: (B, H, W) long class indices, ``ignore_index`` for no label.
 
     Returns:
-        Scalar mean over the non-ignored pixels (the released code divided by all pixels); 0, with the graph
-        intact, when every pixel is ignored.
+        Scalar mean over the non-ignored pixels (``over_all_pixels``: over all pixels, as released); 0, with
+        the graph intact, when every pixel is ignored.
     """
     logits = F.interpolate(score_map / tau, size=seeds.shape[-2:], mode="bilinear", align_corners=False)
     total = F.cross_entropy(logits, seeds, ignore_index=ignore_index, reduction="sum")
+    if over_all_pixels:
+        return total / seeds.numel()
     return total / (seeds != ignore_index).sum().clamp_min(1)
 
 
@@ -100,6 +107,19 @@ def downsample_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return small.round_().clamp_(0, 255).to(torch.uint8)
 
 
+def released_crf_colours(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, size, size) uint8, the boundary-CRF colours as the released code made them.
+
+    The ImageNet-normalised float32 image is resized corner-aligned (``scipy.ndimage.zoom(order=1)``: computed
+    in float64, stored as float32), de-normalised as x * std + mean in float32 and truncated, not rounded.
+    """
+    mean, std = (torch.tensor([v * 255 for v in s], device=images.device).view(1, 3, 1, 1)
+                 for s in input_stats("imagenet"))
+    norm = (images.float() - mean) / std
+    small = F.interpolate(norm.double(), size=(size, size), mode="bilinear", align_corners=True).float()
+    return (small * std + mean).clamp_(0, 255).trunc_().to(torch.uint8)
+
+
 def weakclip_losses(
     logits: torch.Tensor,
     score_map: torch.Tensor,
@@ -107,6 +127,8 @@ def weakclip_losses(
     images: torch.Tensor,
     cfg: LossConfig,
     image_labels: torch.Tensor | None = None,
+    released: bool = False,
+    trace: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All WeakCLIP training losses for one batch, in float32 whatever the input dtype.
 
@@ -118,6 +140,9 @@ def weakclip_losses(
         cfg: loss weights, tau, loss resolution and boundary-CRF settings.
         image_labels: optional (B, K) bool image-level labels; needed when ``cfg.crf_image_classes_only``,
             which restricts the boundary CRF to background (always kept) + these classes.
+        released: the released code's auxiliary-CE denominator and CRF colours (``model.released``).
+        trace: if given, receives the intermediates ``logits_small``, ``seeds_small``, ``probs``,
+            ``crf_image`` and ``crf_q`` (the CRF marginals before flooring).
 
     Returns:
         ``{"seed", "boundary", "aux", "total"}`` scalars, ``total`` = weighted sum.
@@ -141,13 +166,15 @@ def weakclip_losses(
         label_mask = image_labels.to(device=probs.device, dtype=torch.bool).clone()
         label_mask[:, 0] = True
     with torch.no_grad():
-        target = crf_refine(probs.detach().clamp_min(CRF_CLIP), downsample_images(images, size), cfg.crf,
-                            cfg.crf_backend, label_mask)
+        colours = released_crf_colours(images, size) if released else downsample_images(images, size)
+        target = crf_refine(probs.detach().clamp_min(CRF_CLIP), colours, cfg.crf, cfg.crf_backend, label_mask)
+    if trace is not None:
+        trace.update(logits_small=logits, seeds_small=small_seeds, probs=probs, crf_image=colours, crf_q=target)
 
     losses = {
         "seed": seeding_loss(probs, small_seeds),
         "boundary": boundary_loss(probs, target),
-        "aux": aux_ce_loss(score_map.float(), seeds, cfg.tau),
+        "aux": aux_ce_loss(score_map.float(), seeds, cfg.tau, over_all_pixels=released),
     }
     losses["total"] = (cfg.seed_weight * losses["seed"] + cfg.boundary_weight * losses["boundary"]
                        + cfg.aux_weight * losses["aux"])

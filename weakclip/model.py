@@ -19,6 +19,9 @@ from .clip import ClipVisual, PromptTextEncoder, check_shapes, clip_architecture
 from .config import ModelConfig
 from .errors import WeakclipError
 
+# Checkpoint key of the text position table when CLIP's weights are stored with the refiner's.
+TEXT_POSITIONS = "text.positional_embedding"
+
 
 def deconv2x2(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.conv_transpose2d(x, weight, bias, stride=2)`` for 2x2 kernels, as one matrix product.
@@ -45,7 +48,10 @@ class Deconv2x2(nn.ConvTranspose2d):
 
 
 class PyramidAdapter(nn.Module):
-    """Turns four 1/16 ViT taps into 1/4, 1/8, 1/16 and 1/32 maps (GroupNorm(1) first on every level)."""
+    """Turns four 1/16 ViT taps into 1/4, 1/8, 1/16 and 1/32 maps (GroupNorm(1) first on every level).
+
+    The 1/32 max-pool floors odd grids, as the released code and ``nn.MaxPool2d``'s default do.
+    """
 
     def __init__(self, width: int):
         super().__init__()
@@ -58,13 +64,13 @@ class PyramidAdapter(nn.Module):
         )
         self.level2 = nn.Sequential(nn.GroupNorm(1, width), Deconv2x2(width, width))
         self.level3 = nn.GroupNorm(1, width)
-        self.level4 = nn.Sequential(nn.GroupNorm(1, width), nn.MaxPool2d(2, stride=2, ceil_mode=True))
+        self.level4 = nn.Sequential(nn.GroupNorm(1, width), nn.MaxPool2d(2, stride=2))
 
     def levels(self) -> list[nn.Module]:
         return [self.level1, self.level2, self.level3, self.level4]
 
     def forward(self, taps: list[Tensor]) -> list[Tensor]:
-        """taps: 4 x (B, C, h, w) -> [(B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, ceil(h/2), ceil(w/2))]."""
+        """taps: 4 x (B, C, h, w) -> [(B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, h // 2, w // 2)]."""
         return [level(tap) for level, tap in zip(self.levels(), taps)]
 
 
@@ -137,10 +143,15 @@ class DecoderLayer(nn.Module):
 class CoAttention(nn.Module):
     """Co-attention matching (Eq. 7-8): text attends to pixels and pixels attend to text, each through a
     chain of decoder layers at ``width``; the updates are added back with per-channel scales alpha/beta.
+
+    With ``chained`` false (the released form) every layer is applied to the projected inputs and only the
+    last layer's output is kept, so only that layer matters: it alone is run.
     """
 
-    def __init__(self, dim: int, width: int, heads: int, layers: int, dropout: float, alpha: float, beta: float):
+    def __init__(self, dim: int, width: int, heads: int, layers: int, dropout: float, alpha: float, beta: float,
+                 chained: bool = True):
         super().__init__()
+        self.chained = chained
         self.visual_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width), nn.LayerNorm(width))
         self.text_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width))
         self.text_layers = nn.ModuleList(DecoderLayer(width, heads, dropout) for _ in range(layers))
@@ -162,15 +173,23 @@ class CoAttention(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def deltas(self, text: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
+        """text (B, K, D), visual (B, N, D) -> the branch outputs (B, K, D) and (B, N, D) before alpha/beta."""
+        v, t = self.visual_proj(visual), self.text_proj(text)
+        if self.chained:  # each layer refines the previous layer's output
+            t_out, v_out = t, v
+            for layer in self.text_layers:
+                t_out = layer(t_out, v)
+            for layer in self.visual_layers:
+                v_out = layer(v_out, t)
+        else:
+            t_out, v_out = self.text_layers[-1](t, v), self.visual_layers[-1](v, t)
+        return self.text_out(t_out), self.visual_out(v_out)
+
     def forward(self, text: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
         """text (B, K, D), visual (B, N, D) -> updated text (B, K, D) and visual (B, N, D)."""
-        v, t = self.visual_proj(visual), self.text_proj(text)
-        t_out, v_out = t, v
-        for layer in self.text_layers:  # chained: each layer refines the previous layer's output
-            t_out = layer(t_out, v)
-        for layer in self.visual_layers:
-            v_out = layer(v_out, t)
-        return text + self.alpha * self.text_out(t_out), visual + self.beta * self.visual_out(v_out)
+        d_text, d_visual = self.deltas(text, visual)
+        return text + self.alpha * d_text, visual + self.beta * d_visual
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -221,23 +240,35 @@ class SemanticFPNHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-    def forward(self, feats: list[Tensor]) -> Tensor:
-        """feats: 4 x (B, channels, *) at 1/4..1/32 -> logits (B, K, H/4, W/4)."""
+    def features(self, feats: list[Tensor]) -> Tensor:
+        """feats: 4 x (B, channels, *) at 1/4..1/32 -> the branches' sum (B, channels, H/4, W/4).
+
+        Each branch's output is bilinearly resized to the finest level's size and added (Semantic FPN).
+        Every coarser branch ends in the same x2 bilinear upsampling, a linear map, so the branches whose
+        pre-upsampling size is exactly half the finest are summed first and upsampled once: the same sum
+        with a third of the 1/4-resolution work. A branch that does not land on the finest size (the
+        floored 1/32 level of an odd grid) is upsampled and resized on its own, as the definition says.
+        """
         out = self.branches[0](feats[0])
-        # Every coarser branch ends in the same x2 bilinear upsampling from 1/8, a linear map, so the branches
-        # are summed at 1/8 and upsampled once: the same sum with a third of the 1/4-resolution work.
+        half = (out.shape[2] // 2, out.shape[3] // 2)
+        shared = 2 * half[0] == out.shape[2] and 2 * half[1] == out.shape[3]
         coarse = None
         for branch, f in zip(self.branches[1:], feats[1:]):
             y = branch[:-1](f)
-            if coarse is not None and y.shape[2:] != coarse.shape[2:]:  # odd grids overshoot by a pixel
-                y = F.interpolate(y, size=coarse.shape[2:], mode="bilinear", align_corners=False)
-            coarse = y if coarse is None else coarse + y
-        if coarse is not None:
-            y = F.interpolate(coarse, scale_factor=2.0, mode="bilinear", align_corners=False)
+            if shared and y.shape[2:] == half:
+                coarse = y if coarse is None else coarse + y
+                continue
+            y = branch[-1](y)
             if y.shape[2:] != out.shape[2:]:
                 y = F.interpolate(y, size=out.shape[2:], mode="bilinear", align_corners=False)
             out = out + y
-        return self.classifier(self.dropout(out))
+        if coarse is not None:
+            out = out + F.interpolate(coarse, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return out
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        """feats: 4 x (B, channels, *) at 1/4..1/32 -> logits (B, K, H/4, W/4)."""
+        return self.classifier(self.dropout(self.features(feats)))
 
 
 def cosine_score_map(text: Tensor, dense: Tensor) -> Tensor:
@@ -249,27 +280,30 @@ class WeakCLIP(nn.Module):
     """Frozen CLIP + learnable prompts + pyramid adapter + co-attention + text-guided decoder.
 
     ``forward(images)`` takes (B, 3, H, W) RGB in 0..255 (uint8 or float) and returns a dict with
-    ``logits`` (B, K, ceil(H/4), ceil(W/4)) and ``score_map`` (B, K, H/16, W/16) (cosine).
+    ``logits`` (B, K, ceil(H/4), ceil(W/4)) and ``score_map`` (B, K, ceil(H/16), ceil(W/16)) (cosine); with
+    ``cfg.released`` the sizes are 4 floor(H/16) and floor(H/16), as the released patch convolution truncates.
     """
-
 
     def __init__(self, cfg: ModelConfig, class_names: list[str], clip_model: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.class_names = list(class_names)
+        released = cfg.released
         clip_model = clip_model if clip_model is not None else load_clip(cfg.clip)
-        self.visual = ClipVisual(clip_model.visual, cfg.clip.taps, cfg.clip.class_token_twice)
+        self.visual = ClipVisual(clip_model.visual, cfg.clip.taps, cfg.clip.class_token_twice or released,
+                                 truncate=released)
         self.text = PromptTextEncoder(
             clip_model, self.class_names, cfg.n_ctx, cfg.name_length, cfg.learnable_prompts,
             cfg.prompt_template, cfg.ctx_init_std,
         )
-        mean, std = input_stats(cfg.clip.normalize)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        mean, std = input_stats("imagenet" if released else cfg.clip.normalize)
+        # 0..255 constants computed in float64, so that they round to the released configs' float32 values.
+        self.register_buffer("mean", torch.tensor([m * 255 for m in mean]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([s * 255 for s in std]).view(1, 3, 1, 1), persistent=False)
         width, dim, k = self.visual.width, self.visual.embed_dim, len(self.class_names)
         self.co_attention = (
             CoAttention(dim, cfg.coattn_width, cfg.coattn_heads, cfg.coattn_layers, cfg.coattn_dropout,
-                        cfg.alpha_init, cfg.beta_init)
+                        cfg.alpha_init, cfg.beta_init, chained=not released)
             if cfg.co_attention else None
         )
         if cfg.pyramid_adapter:
@@ -287,13 +321,20 @@ class WeakCLIP(nn.Module):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def normalize(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) RGB 0..255 -> float32 (x - mean) / std, the network's input."""
+        return (images.float() - self.mean) / self.std
+
     def forward(self, images: Tensor, text: Tensor | None = None) -> dict[str, Tensor]:
         """images (B, 3, H, W) RGB 0..255 -> {"logits": (B, K, ceil(H/4), ceil(W/4)), "score_map": (B, K, h, w)}.
 
         ``text``: the class embeddings (K, D) of ``self.text()``, which do not depend on the images; pass
         them to reuse one computation over many forwards (inference), else they are computed here.
         """
-        x = (images.float() - self.mean) / self.std
+        return self.forward_normalized(self.normalize(images), text)
+
+    def forward_normalized(self, x: Tensor, text: Tensor | None = None) -> dict[str, Tensor]:
+        """:meth:`forward` on an already normalised input x (B, 3, H, W)."""
         feats = self.visual(x)
         text = (self.text() if text is None else text).unsqueeze(0).expand(x.shape[0], -1, -1)
         dense = feats.dense
@@ -303,7 +344,7 @@ class WeakCLIP(nn.Module):
             text, tokens = self.co_attention(text, tokens)
             dense = tokens[:, 1:].transpose(1, 2).reshape(b, d, h, w)
         score = cosine_score_map(text, dense)
-        out_size = (-(-images.shape[2] // 4), -(-images.shape[3] // 4))
+        out_size = (-(-x.shape[2] // 4), -(-x.shape[3] // 4))
         if self.adapter is None:
             # Matching-only ablation: the scaled score map is the prediction.
             logits = F.interpolate(score / 0.07, size=out_size, mode="bilinear", align_corners=False)
@@ -340,9 +381,16 @@ class WeakCLIP(nn.Module):
         return {"total": total, "trainable": trainable, "trainable_share": round(trainable / total, 4), **groups}
 
     def weakclip_state_dict(self) -> dict[str, Tensor]:
-        """Everything but the frozen CLIP weights (those come from the CLIP checkpoint): params and BN stats."""
+        """Everything but the frozen CLIP weights (those come from the CLIP checkpoint): params and BN stats.
+
+        With ``cfg.clip.in_checkpoint`` the CLIP weights are kept too, the text tower's position table
+        (a buffer outside ``state_dict``) included.
+        """
+        state = self.state_dict()
+        if self.cfg.clip.in_checkpoint:
+            return {**state, TEXT_POSITIONS: self.text.positional_embedding}
         frozen = ("visual.", "text.")  # CLIP's own weights; the prompts (text.ctx) are ours
-        return {k: v for k, v in self.state_dict().items() if k == "text.ctx" or not k.startswith(frozen)}
+        return {k: v for k, v in state.items() if k == "text.ctx" or not k.startswith(frozen)}
 
     def load_weakclip_state_dict(self, state: dict[str, Tensor], source: str) -> None:
         """Load :meth:`weakclip_state_dict` output; a key whose shape differs is one clear error line."""
@@ -353,7 +401,11 @@ class WeakCLIP(nn.Module):
         if missing or unexpected:
             detail = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
             raise WeakclipError(f"{source}: checkpoint does not fit the model built from this config ({detail})")
+        state = dict(state)
+        positions = state.pop(TEXT_POSITIONS, None)
         self.load_state_dict(state, strict=False)
+        if positions is not None:
+            self.text.positional_embedding.copy_(positions)
 
 
 def build_model(cfg: ModelConfig, class_names: list[str], clip_model: nn.Module | None = None) -> WeakCLIP:

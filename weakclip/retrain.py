@@ -37,9 +37,11 @@ from .infer import (
     Predictor,
     inference_fingerprint,
     load_refiner,
+    refiner_infer_config,
     refiner_predictor,
     write_label_maps,
 )
+from .released import is_torch_archive
 from .segmenters import Segmenter, build_segmenter
 
 SEGMENTER_FORMAT = "segmenter"  # the "format" entry of a retrained segmenter's weights header
@@ -172,12 +174,12 @@ def load_segmenter(cfg: Config, checkpoint: Path, header: dict[str, str]) -> Seg
     return model
 
 
-def segmenter_predictor(model: Segmenter, device: torch.device) -> Predictor:
-    """A segmenter as a Predictor: uint8 images, ImageNet-normalised here (bf16 autocast on GPUs)."""
+def segmenter_predictor(model: Segmenter, device: torch.device, precision: str = "fp32") -> Predictor:
+    """A segmenter as a Predictor: uint8 images, ImageNet-normalised here; fp32, or "bf16" autocast."""
     model.to(device).eval()
 
     def predict(images: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             return model(imagenet_normalize(images))
 
     return predict
@@ -185,16 +187,21 @@ def segmenter_predictor(model: Segmenter, device: torch.device) -> Predictor:
 
 def load_predictor(cfg: Config, checkpoint: str | Path, device: torch.device) -> tuple[Predictor, nn.Module]:
     """A Predictor and its model from a retrained-segmenter or a WeakCLIP refiner checkpoint, told apart by
-    the header."""
+    the header. A released ``.pth`` is a refiner. For refiners, ``cfg.infer.view_resize`` "auto" is resolved
+    here."""
     checkpoint = Path(checkpoint)
-    header = read_header(checkpoint)
-    kind = header.get("format")
+    if is_torch_archive(checkpoint):
+        kind = REFINER_FORMAT
+    else:
+        header = read_header(checkpoint)
+        kind = header.get("format")
     if kind == SEGMENTER_FORMAT:
         model = load_segmenter(cfg, checkpoint, header)
-        return segmenter_predictor(model, device), model
+        return segmenter_predictor(model, device, cfg.infer.precision), model
     if kind == REFINER_FORMAT:
         model = load_refiner(cfg, checkpoint)
-        return refiner_predictor(model, device), model
+        cfg.infer = refiner_infer_config(cfg.infer, model)
+        return refiner_predictor(model, device, cfg.infer.precision), model
     raise WeakclipError(f"{checkpoint}: not written by `weakclip retrain` or `weakclip train` "
                         f"(header format {kind!r}, expected '{SEGMENTER_FORMAT}' or '{REFINER_FORMAT}')")
 

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from .config import Config, dump_config
+from .clip import input_stats
+from .config import Config, config_from_dict, dump_config
 from .data.datasets import SegDataset, list_samples, preflight
 from .data.transforms import TrainTransform
 from .distributed import DistInfo, init_distributed
-from .engine import LoopSpec, train_loop, warmup_cosine
+from .engine import LoopSpec, load_weights, read_header, train_loop, warmup_cosine
 from .fileio import write_text_atomic
 from .losses import weakclip_losses
 from .model import WeakCLIP, build_model
+from .released import is_torch_archive, load_released
 
 
 def loop_spec(cfg: Config) -> LoopSpec:
@@ -30,7 +34,10 @@ def train_dataset(cfg: Config, progress: bool = True) -> SegDataset:
     samples = list_samples(cfg.data, need_seeds=True)
     preflight(samples, cfg.num_classes, cfg.data.ignore_index, progress=progress)
     t = cfg.train
-    transform = TrainTransform(t.crop_size, t.base_size, t.scale_range, t.cat_max_ratio, cfg.data.ignore_index)
+    # Crops are padded with the model's mean colour: 0 after normalisation, as the released pipeline pads.
+    mean, _ = input_stats("imagenet" if cfg.model.released else cfg.model.clip.normalize)
+    transform = TrainTransform(t.crop_size, t.base_size, t.scale_range, t.cat_max_ratio, cfg.data.ignore_index,
+                               pad_value=[m * 255 for m in mean])
     return SegDataset(samples, transform, cfg.num_classes, seed=t.seed, ignore_index=cfg.data.ignore_index)
 
 
@@ -45,7 +52,7 @@ def refiner_loss(cfg: Config):
     def loss_fn(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         out = model(batch["image"])
         return weakclip_losses(out["logits"], out["score_map"], batch["seed"], batch["image"], cfg.loss,
-                               batch["labels"])
+                               batch["labels"], released=cfg.model.released)
 
     return loss_fn
 
@@ -60,6 +67,31 @@ def build_optimizer(model: WeakCLIP, cfg: Config) -> torch.optim.Optimizer:
                              fused=True)
 
 
+def initial_model(cfg: Config, clip_model: nn.Module | None = None) -> tuple[WeakCLIP, Config]:
+    """The model training starts from, and the config that describes it.
+
+    Built from ``cfg``; with ``train.init_from`` its weights come from that checkpoint, which brings its own
+    architecture and classes: a released ``.pth`` (converted, in released mode) or a weakclip checkpoint
+    (the model section and class names stored in its header).
+    """
+    src = cfg.train.init_from
+    if src is not None and is_torch_archive(src):
+        model, released_cfg, _ = load_released(src, cfg)
+        return model, released_cfg
+    if src is not None:
+        stored = read_header(src).get("config")
+        if stored:
+            saved = config_from_dict(yaml.safe_load(stored))
+            cfg = dataclasses.replace(cfg, model=saved.model,
+                                      data=dataclasses.replace(cfg.data, class_names=saved.data.class_names))
+            if saved.model.clip.in_checkpoint:  # its CLIP weights come with it
+                clip_model = None
+    model = build_model(cfg.model, cfg.data.class_names, clip_model)
+    if src is not None:
+        load_weights(src, model)
+    return model, cfg
+
+
 def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo | None = None,
           clip_model: nn.Module | None = None) -> Path:
     """Train the refiner described by ``cfg`` into ``output``; returns the final weights' path."""
@@ -71,7 +103,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo 
         cfg = with_generated_seeds(cfg, output / "seeds", info)
     dataset = train_dataset(cfg, progress=info.is_main)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model, cfg.data.class_names, clip_model)
+    model, cfg = initial_model(cfg, clip_model)
     if info.is_main:
         write_text_atomic(output / "config.yaml", dump_config(cfg))
     validate = None

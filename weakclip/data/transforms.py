@@ -99,12 +99,15 @@ class TrainTransform:
 
     ``__call__(image (H, W, 3) uint8, label (H, W) or (H, W, C) uint8, rng)`` returns
     (crop, crop, 3) uint8 and (crop, crop[, C]) uint8; padding is 0 in the image and ``ignore_index`` in
-    the labels. Normalisation is left to the model.
+    the labels. Normalisation is left to the model. With ``pad_value`` (the model's mean colour, 0..255) the
+    image is float32 and padded with that colour exactly, so it is 0 after normalisation, as released.
     """
 
     def __init__(self, crop_size: int, base_size: Sequence[int] = (2048, 512),
                  scale_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
-                 ignore_index: int = 255, photometric: bool = True) -> None:
+                 ignore_index: int = 255, photometric: bool = True,
+                 pad_value: Sequence[float] | None = None) -> None:
+        self.pad_value = None if pad_value is None else np.asarray(pad_value, dtype=np.float32)
         self.crop_size = crop_size
         self.base_size = tuple(base_size)
         self.scale_range = tuple(scale_range)
@@ -137,12 +140,18 @@ class TrainTransform:
         return image[y:y + c, x:x + c], label[y:y + c, x:x + c]
 
     def pad(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pad bottom and right up to crop_size."""
+        """Pad bottom and right up to crop_size (image: 0, or ``pad_value`` in float32; labels: ignore)."""
         h, w = image.shape[:2]
         ph, pw = max(self.crop_size - h, 0), max(self.crop_size - w, 0)
+        if self.pad_value is not None:
+            out = np.empty((h + ph, w + pw, 3), dtype=np.float32)
+            out[...] = self.pad_value
+            out[:h, :w] = image
+            image = out
         if ph == 0 and pw == 0:
             return image, label
-        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
+        if self.pad_value is None:
+            image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
         widths = ((0, ph), (0, pw)) + ((0, 0),) * (label.ndim - 2)
         label = np.pad(label, widths, constant_values=self.ignore_index)
         return image, label

@@ -19,6 +19,10 @@ from torch import Tensor
 from ..errors import WeakclipError
 
 
+def _as_double(x: Tensor | np.ndarray) -> Tensor:
+    return torch.as_tensor(x).detach().double().cpu()
+
+
 @dataclass
 class ParityReport:
     """Worst errors per compared tensor, and the names of the comparisons that failed."""
@@ -29,8 +33,7 @@ class ParityReport:
     def close(self, name: str, ours: Tensor | np.ndarray, ref: Tensor | np.ndarray, atol: float,
               rtol: float) -> bool:
         """Record ``|ours - ref| <= atol + rtol * |ref|`` elementwise; shapes must agree exactly."""
-        a = torch.as_tensor(np.asarray(ours) if isinstance(ours, np.ndarray) else ours).detach().double().cpu()
-        b = torch.as_tensor(np.asarray(ref) if isinstance(ref, np.ndarray) else ref).detach().double().cpu()
+        a, b = _as_double(ours), _as_double(ref)
         if a.shape != b.shape:
             self.worst[name] = {"max_abs": float("inf"), "max_rel": float("inf")}
             self.failed.append(f"{name}: shape {tuple(a.shape)} != reference {tuple(b.shape)}")
@@ -57,6 +60,17 @@ class ParityReport:
         if mismatch:
             self.failed.append(f"{name}: {mismatch} of {a.size} elements differ")
         return mismatch == 0
+
+    def measure(self, name: str, ours: Tensor | np.ndarray, ref: Tensor | np.ndarray, as_labels: bool = False
+                ) -> None:
+        """Record the worst error without judging it (a comparison that is reported, not required).
+
+        With ``as_labels`` the entry's ``max_rel`` is the fraction of differing elements.
+        """
+        a, b = _as_double(ours), _as_double(ref)
+        diff = (a - b).abs()
+        rel = float((diff > 0).double().mean()) if as_labels else float((diff / b.abs().clamp_min(1e-12)).max())
+        self.worst[name] = {"max_abs": float(diff.max()), "max_rel": rel}
 
     def to_json(self) -> dict:
         return {"pass": not self.failed and bool(self.worst), "worst": self.worst, "failed": self.failed}

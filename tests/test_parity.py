@@ -1,0 +1,165 @@
+"""Numerical parity with the released WeakCLIP code, on the fixtures recorded from it (../shared/reference/parity).
+
+Every fixture folder of the WeakCLIP kind is checked by the same code as ``benchmarks/parity.py``, so a
+fixture recorded later from another configuration needs no new test. The other tests show that the
+comparisons can fail: switching off one released behaviour breaks the odd-grid test-time numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from weakclip.config import Config
+from weakclip.parity import check_fixture, fixture_kind
+from weakclip.parity.weakclip import build_released_model
+from weakclip.released import DEAD_LAYER_REASON, convert_state_dict, released_config
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+PARITY = REFERENCE / "parity"
+
+
+def _reference(path: Path) -> Path:
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing: CI must run with ../shared beside the clone")
+        pytest.skip(f"parity reference not found at {path} (place ../shared/reference beside the repo)")
+    return path
+
+
+def _weakclip_fixtures() -> list[str]:
+    if not PARITY.is_dir():
+        return ["weakclip-tiny", "weakclip-tiny-odd"]  # reported as missing by _reference
+    return sorted(p.name for p in PARITY.iterdir()
+                  if (p / "config.json").is_file()
+                  and fixture_kind(json.loads((p / "config.json").read_text())) == "weakclip")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _weakclip_fixtures())
+def test_fixture_passes_every_comparison(name):
+    fixture = _reference(PARITY / name)
+    report = check_fixture(fixture)
+    assert not report.failed, report.failed
+    recorded = set(load_file(str(fixture / "outputs.safetensors")))
+    assert recorded <= set(report.worst), f"recorded but not compared: {sorted(recorded - set(report.worst))}"
+    # The uint8 image through our own view resizing (OpenCV bilinear in released mode) is checked too.
+    assert "own_views.cv2.aug_probs" in report.worst and "own_views.cv2.aug_pred" in report.worst
+
+
+@pytest.fixture(scope="module")
+def odd():
+    fixture = _reference(PARITY / "weakclip-tiny-odd")
+    config = json.loads((fixture / "config.json").read_text())
+    inputs = load_file(str(fixture / "inputs.safetensors"))
+    ref = load_file(str(fixture / "outputs.safetensors"))
+    model, _ = build_released_model(fixture, config)
+    return fixture, config, inputs, ref, _view_probs(model, config, inputs)
+
+
+def _view_probs(model, config, inputs, which=None):
+    """Per-view probabilities at the image size (view index -> (K, H, W)), as the released aug_test."""
+    from weakclip.infer import view_probs
+
+    size = tuple(inputs["infer_image_uint8"].shape[:2])
+    crop = config["inference"]["test_cfg"]["crop_size"][0]
+    stride = config["inference"]["test_cfg"]["stride"][0]
+    flips = [v["flip"] for v in config["inference"]["views"]]
+    which = range(len(flips)) if which is None else which
+
+    def predict(x):
+        return model.forward_normalized(x)["logits"]
+
+    with torch.no_grad():
+        return {i: view_probs(predict, inputs[f"aug_view.{i}"], [flips[i]], size, crop, stride)[0] for i in which}
+
+
+def _ceil_pool(model):
+    model.adapter.level4[1].ceil_mode = True
+
+
+def _pad_not_truncate(model):
+    model.visual.truncate = False
+
+
+@pytest.mark.parametrize("break_it", [_ceil_pool, _pad_not_truncate])
+def test_each_released_behaviour_matters_on_odd_grids(odd, break_it):
+    # The 0.5 views (64 x 91: width not a multiple of 16, 4 x 5 token grid) are recomputed with one released
+    # behaviour switched off; the average over all twelve views then no longer matches.
+    fixture, config, inputs, ref, good = odd
+    torch.testing.assert_close(sum(good.values()) / len(good), ref["infer.aug_probs"], rtol=1e-5, atol=1e-6)
+    model, _ = build_released_model(fixture, config)
+    break_it(model)
+    probs = {**good, **_view_probs(model, config, inputs, which=[0, 1])}
+    assert (sum(probs.values()) / len(probs) - ref["infer.aug_probs"]).abs().max() > 1e-3
+
+
+def test_class_token_counted_twice_is_what_the_released_numbers_need(odd):
+    fixture, config, inputs, ref, _ = odd
+    model, _ = build_released_model(fixture, config)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_normalized(inputs["img"])["score_map"], ref["score_map"],
+                                   rtol=1e-5, atol=1e-6)
+        model.visual.class_token_twice = False
+        score = model.forward_normalized(inputs["img"])["score_map"]
+    assert (score - ref["score_map"]).abs().max() > 1e-3
+
+
+def test_unchained_co_attention_is_what_the_released_numbers_need(odd):
+    # Chaining the three released layers (our default form) changes the co-attention outputs.
+    fixture, config, inputs, ref, _ = odd
+    state = load_file(str(fixture / "state_dict.safetensors"))
+    conv = convert_state_dict(state, "fixture", 2, 2, 2)
+    assert set(conv.ignored) == {k for k in state if re.match(r"context_decoder\.(anti_)?decoder\.[01]\.", k)}
+    assert set(conv.ignored.values()) == {DEAD_LAYER_REASON}
+    model, _ = build_released_model(fixture, config)
+    with torch.no_grad():
+        feats = model.visual(inputs["img"])
+        tokens = torch.cat([feats.global_embedding[:, None], feats.dense.flatten(2).transpose(1, 2)], 1)
+        text = model.text()[None].expand(2, -1, -1)
+        d_text, _ = model.co_attention.deltas(text, tokens)
+        torch.testing.assert_close(d_text, ref["coattn.text_diff"], rtol=1e-4, atol=1e-6)
+        model.co_attention.chained = True
+        model.co_attention.text_layers.append(model.co_attention.text_layers[0])  # two layers, chained
+        chained, _ = model.co_attention.deltas(text, tokens)
+    assert (chained - ref["coattn.text_diff"]).abs().max() > 1e-3
+
+
+def _official_keys() -> dict[str, tuple[tuple[int, ...], str]]:
+    path = _reference(REFERENCE / "official-state-dict-keys.txt")
+    out = {}
+    for line in path.read_text().splitlines():
+        key, shape, dtype = line.split("\t")
+        out[key] = (tuple(int(s) for s in re.findall(r"\d+", shape)), dtype)
+    return out
+
+
+def test_full_size_released_key_list_converts_into_the_vit_b16_voc_model():
+    """All 521 keys of the released VOC checkpoint: mapped into the ViT-B/16 model or ignored with a reason."""
+    keys = _official_keys()
+    assert len(keys) == 521
+    with torch.device("meta"):
+        state = {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, (shape, dtype) in keys.items()}
+        conversion = convert_state_dict(state, "official-state-dict-keys.txt")
+        cfg = released_config(Config(), conversion)
+        from weakclip.model import build_model
+
+        model = build_model(cfg.model, cfg.data.class_names)
+    assert len(conversion.mapping) + len(conversion.ignored) == 521
+    assert len(conversion.ignored) == 2 * 2 * 20  # layers 0 and 1 of both co-attention stacks, 20 tensors each
+    own = model.weakclip_state_dict()
+    assert set(conversion.state) == set(own), (sorted(set(own) - set(conversion.state))[:5],
+                                               sorted(set(conversion.state) - set(own))[:5])
+    for key, tensor in conversion.state.items():
+        assert tuple(tensor.shape) == tuple(own[key].shape), key
+    model.load_weakclip_state_dict(conversion.state, "official keys")  # the loader's own checks agree
+    vis = cfg.model.clip.arch["vision_cfg"]
+    assert (vis["width"], vis["layers"], vis["image_size"], vis["width"] // vis["head_width"]) == (768, 12, 512, 12)
+    assert cfg.model.clip.arch["text_cfg"]["heads"] == 8 and cfg.model.coattn_heads == 4
+    assert (cfg.model.released, cfg.model.n_ctx, cfg.model.name_length, cfg.model.decoder_channels) == (True, 8, 5, 256)

@@ -110,3 +110,15 @@ def test_unknown_seed_source_is_one_line(seeds_setup, tmp_path, capsys):
     assert main(argv) == 2
     assert "data.seeds_from: expected one of files, clip-es, got 'mct'" in capsys.readouterr().err
 
+
+def test_shards_fill_one_folder(seeds_setup, tmp_path, capsys):
+    ids, _, config = seeds_setup
+    out = tmp_path / "seeds"
+    fast = ["--set", "seeds.crf=false"]
+    assert _seeds(config, out, "--shard", "1/2", *fast) == 0
+    assert sorted(p.stem for p in out.glob("*.png")) == [ids[1]]  # share 1 of 2: every second image
+    assert "(1 written, 0 already done); 2 images of the list are left to the other shards" in capsys.readouterr().out
+    assert _seeds(config, out, "--shard", "0/2", *fast) == 0
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(ids)
+    assert _seeds(config, out, *fast) == 0
+    assert "0 written, 3 already done" in capsys.readouterr().out.splitlines()[-1]

@@ -79,8 +79,9 @@ def cmd_pseudo_masks(args) -> None:
 def cmd_seeds(args) -> None:
     from .seeds import write_seeds
 
-    summary = write_seeds(_config(args), args.output, split=args.split, keep_cams=args.save_cams)
-    print(f"seeds: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)")
+    summary = write_seeds(_config(args), args.output, split=args.split, keep_cams=args.save_cams, shard=_shard(args))
+    if summary is not None:
+        print(_done_line("seeds", summary))
 
 
 def _read_ids(path: str | None) -> list[str] | None:
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="list name (default: data.split)")
     p.add_argument("--save-cams", action="store_true",
                    help="also keep the float16 CAMs of each image's classes in OUTPUT/cams/<id>.npz")
+    _add_shard(p)
     p.set_defaults(func=cmd_seeds)
 
     p = sub.add_parser("evaluate", help="mIoU, per-class table, confusion matrix of label maps against ground truth")

@@ -50,8 +50,8 @@ def reset_if_stale(out_dir: str | os.PathLike, manifest: dict, outputs: tuple[st
         pass
     for pattern in outputs:
         for stale in out_dir.glob(pattern):
-            if stale.is_dir():
-                shutil.rmtree(stale)
+            if stale.is_dir():  # another shard starting at the same moment may remove it first
+                shutil.rmtree(stale, ignore_errors=True)
             else:
-                stale.unlink()
+                stale.unlink(missing_ok=True)
     write_text_atomic(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -26,6 +26,7 @@ from .clip_es import ClipES, crf_seed, seed_without_crf
 from .config import Config
 from .data.datasets import Sample, list_samples, load_image
 from .data.masks import write_mask
+from .distributed import DistInfo, Shard, all_reduce_sum, init_distributed, launch_share, run_once
 from .errors import WeakclipError
 from .fileio import atomic_path, reset_if_stale
 
@@ -84,40 +85,55 @@ def save_cams(path: Path, cams: np.ndarray, labels: Sequence[int]) -> None:
 
 
 def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_cams: bool = False,
-                progress: bool = True) -> dict:
-    """Seeds for every image of ``split`` (default ``data.split``) into ``output``; returns a summary."""
-    from .infer import CRFPool
+                progress: bool = True, shard: Shard | None = None, info: DistInfo | None = None) -> dict | None:
+    """Seeds for every image of ``split`` (default ``data.split``) into ``output``.
 
+    Every process of a torchrun launch calls it; an independent job of a job array passes its ``shard``.
+    The job's share minus the images already done is split between the ranks; listing, label checks and
+    the manifest run on rank 0 only. Returns {"output", "written" (by this launch), "skipped", "missing"
+    (images of the list not done yet, e.g. left to other shards)} on the main process, None elsewhere.
+    """
+    from .infer import INFERENCE_TIMEOUT, CRFPool
+
+    info = info or init_distributed(INFERENCE_TIMEOUT)
+    shard = shard or Shard()
     split = split or cfg.data.split
-    samples = seed_samples(cfg, split)
     out = Path(output)
-    reset_if_stale(out, seeds_manifest(cfg, split, samples, keep_cams), ("*.png", "cams"))
-    todo = [s for s in samples if not (out / f"{s.id}.png").is_file()]
-    summary = {"written": len(todo), "skipped": len(samples) - len(todo), "output": str(out)}
-    if not todo:
-        return summary
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    method = ClipES(load_clip(cfg.model.clip), cfg.data.class_names, cfg.seeds, device)
-    pool = CRFPool(cfg.seeds.crf_workers if cfg.seeds.crf else 0, finish=_finish)
-    bar = tqdm(total=len(samples), initial=summary["skipped"], desc="seeds", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        for s in todo:
-            labels = method.check_labels(s.labels, f"{_labels_source(cfg)}: {s.id}")
-            cams = method.cams(load_image(s.image), labels)
-            if keep_cams:
-                save_cams(out / "cams" / f"{s.id}.npz", cams, labels)
-            job = (s.id, cams, s.image, labels, cfg.seeds, cfg.data.ignore_index, out / f"{s.id}.png")
-            bar.update(len(pool.submit(job)))
-        for _ in pool.drain():
-            bar.update(1)
-    except KeyboardInterrupt:
-        pool.close(wait_s=60)  # finish the CRFs of what CLIP already did
-        raise
-    finally:
-        bar.close()
-        pool.close()
-    return summary
+
+    def prepare() -> tuple[list[Sample], list[Sample], int]:
+        samples = seed_samples(cfg, split)
+        reset_if_stale(out, seeds_manifest(cfg, split, samples, keep_cams), ("*.png", "cams"))
+        share = shard.take(samples)
+        return samples, [s for s in share if not (out / f"{s.id}.png").is_file()], len(share)
+
+    samples, todo, share_size = run_once(prepare, info)
+    mine = launch_share(info).take(todo)
+    if mine:
+        method = ClipES(load_clip(cfg.model.clip), cfg.data.class_names, cfg.seeds, info.device)
+        pool = CRFPool(cfg.seeds.crf_workers if cfg.seeds.crf else 0, finish=_finish)
+        desc = "seeds" if info.world_size == 1 else f"seeds (rank 0 of {info.world_size})"
+        bar = tqdm(total=len(mine), desc=desc, disable=not (progress and info.is_main), dynamic_ncols=True)
+        try:
+            for s in mine:
+                labels = method.check_labels(s.labels, f"{_labels_source(cfg)}: {s.id}")
+                cams = method.cams(load_image(s.image), labels)
+                if keep_cams:
+                    save_cams(out / "cams" / f"{s.id}.npz", cams, labels)
+                job = (s.id, cams, s.image, labels, cfg.seeds, cfg.data.ignore_index, out / f"{s.id}.png")
+                bar.update(len(pool.submit(job)))
+            for _ in pool.drain():
+                bar.update(1)
+        except KeyboardInterrupt:
+            pool.close(wait_s=60)  # finish the CRFs of what CLIP already did
+            raise
+        finally:
+            bar.close()
+            pool.close()
+    written = all_reduce_sum(torch.tensor([len(mine)], device=info.device), info)  # also waits for every rank
+    if not info.is_main:
+        return None
+    missing = sum(not (out / f"{s.id}.png").is_file() for s in samples)
+    return {"output": str(out), "written": int(written[0]), "skipped": share_size - len(todo), "missing": missing}
 
 
 def with_generated_seeds(cfg: Config, folder: str | Path, info=None) -> Config:
@@ -125,12 +141,8 @@ def with_generated_seeds(cfg: Config, folder: str | Path, info=None) -> Config:
     if cfg.data.seeds_from not in SOURCES:
         raise WeakclipError(f"data.seeds_from: expected one of {', '.join(SOURCES)}, got {cfg.data.seeds_from!r}")
     folder = Path(folder).resolve()
-    if info is None or info.is_main:
-        summary = write_seeds(cfg, folder, progress=info is None or info.is_main)
+    summary = write_seeds(cfg, folder, progress=info is None or info.is_main, info=info)
+    if summary is not None:
         print(f"seeds: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)",
               flush=True)
-    if info is not None:
-        from .distributed import barrier
-
-        barrier(info)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seeds_dir=str(folder)))

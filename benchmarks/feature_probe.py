@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from train_step import print_result
 
-from weakclip.clip import ClipVisual, input_stats, load_clip
+from weakclip.backbones import build_backbone
+from weakclip.clip import input_stats, load_clip
 from weakclip.config import load_config
 from weakclip.data.datasets import list_samples, load_image
 
@@ -55,12 +56,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="images are resized to size x size")
     args = parser.parse_args()
     data = load_config("voc-sample-cpu", [f"data.root={VOC_SAMPLE}"]).data  # the model comes from --config
-    clip_cfg = load_config(args.config, [f"model.clip.pretrained={args.clip}"] if args.clip else []).model.clip
+    model_cfg = load_config(args.config, [f"model.clip.pretrained={args.clip}"] if args.clip else []).model
+    clip_cfg = model_cfg.clip
     samples = list_samples(data, need_gt=True)[: args.images]
     torch.manual_seed(0)
-    visual = ClipVisual(load_clip(clip_cfg).visual, clip_cfg.taps).eval()
+    visual = build_backbone(load_clip(clip_cfg).visual, model_cfg.backbone).eval()
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in input_stats(clip_cfg.normalize))
-    grid = args.size // 16
+    grid = args.size // visual.dense_stride  # every map is probed on the dense embeddings' grid
     feats: dict[str, list[torch.Tensor]] = {}
     labels = []
     with torch.no_grad():
@@ -68,7 +70,7 @@ def main() -> None:
             img = torch.from_numpy(np.array(load_image(s.image))).permute(2, 0, 1)[None].float() / 255
             img = F.interpolate(img, size=(args.size, args.size), mode="bilinear", align_corners=False)
             out = visual((img - mean) / std)
-            maps = {f"tap{b}": t for b, t in zip(visual.taps, out.taps)} | {"dense": out.dense}
+            maps = {f"tap{i}": F.adaptive_avg_pool2d(t, grid) for i, t in enumerate(out.taps, 1)} | {"dense": out.dense}
             maps["rgb"] = F.adaptive_avg_pool2d(img, grid)  # reference: each token's mean colour
             for name, m in maps.items():
                 feats.setdefault(name, []).append(m[0].flatten(1).T)

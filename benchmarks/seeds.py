@@ -7,7 +7,7 @@ of 500 x 375 and 375 x 500 (as most VOC images) with two labels. Per size, inter
 after one warm-up: the seeds' CLIP work per image (``ClipES.cams``: preprocessing, 11 blocks, the last
 block with the batched Grad-CAM backward, CAA, resize to the image), the same in ``released`` mode (one
 backward per label, explicit attention in every block, as the released code), and the bare frozen
-forward of the image tower (``ClipVisual``) on the same preprocessed input. ``ratio`` = seeds / forward.
+forward of the image tower (``ClipViT``) on the same preprocessed input. ``ratio`` = seeds / forward.
 The dense CRF of a seed runs in worker processes beside CLIP; its time per image is reported apart.
 Text features are computed once per run (``text_features_s``).
 """
@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from train_step import _median_times
 
-from weakclip.clip import ClipVisual, load_clip
+from weakclip.backbones import ClipViT
+from weakclip.clip import load_clip
 from weakclip.clip_es import ClipES, crf_seed, preprocess
 from weakclip.config import VOC_CLASSES, ClipConfig, SeedsConfig
 
@@ -48,7 +49,7 @@ def main() -> None:
     fast = ClipES(model, VOC_CLASSES, SeedsConfig(precision=args.precision), device)
     text_s = time.perf_counter() - start
     released = ClipES(model, VOC_CLASSES, SeedsConfig(released=True), device)
-    tower = ClipVisual(model.visual).to(device)
+    tower = ClipViT(model.visual).to(device)
     rng = np.random.default_rng(0)
     result = {"model": args.model, "device": str(device), "threads": args.threads, "precision": args.precision,
               "repeat": args.repeat, "text_features_s": round(text_s, 3), "labels": len(LABELS),

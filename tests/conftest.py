@@ -45,12 +45,32 @@ TINY_ARCH = {
 }
 
 
+# An RN50-shaped CLIP (modified ResNet: 3-conv stem, anti-aliased strides, attention pool; head width 64 as
+# OpenAI's) with one bottleneck per stage and 8 base channels: stages of 32, 64, 128, 256 channels.
+TINY_RESNET_ARCH = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64},
+    "text_cfg": dict(TINY_ARCH["text_cfg"]),
+}
+
+# The tiny CLIP for every registered backbone: a backbone registered without one fails the contract test.
+TINY_ARCH_BY_BACKBONE = {"clip-vit": TINY_ARCH, "clip-resnet": TINY_RESNET_ARCH}
+
+
 @pytest.fixture
 def tiny_clip_cfg():
     """A ClipConfig for the tiny random CLIP (no weights)."""
     from weakclip.config import ClipConfig
 
     return ClipConfig(model="tiny", pretrained=None, arch=dict(TINY_ARCH))
+
+
+@pytest.fixture
+def tiny_resnet_clip_cfg():
+    """A ClipConfig for the tiny random ResNet CLIP (no weights)."""
+    from weakclip.config import ClipConfig
+
+    return ClipConfig(model="tiny-rn", pretrained=None, arch=dict(TINY_RESNET_ARCH))
 
 
 def write_tiny_config(path: Path, root: Path, **sections) -> Path:

@@ -8,7 +8,8 @@ import open_clip
 import pytest
 import torch
 
-from weakclip.clip import ClipVisual, PromptTextEncoder, default_taps, load_clip
+from weakclip.backbones import ClipViT, default_taps
+from weakclip.clip import PromptTextEncoder, load_clip
 from weakclip.errors import WeakclipError
 
 NAMES = ["background", "aeroplane", "diningtable", "pottedplant", "tvmonitor", "person"]
@@ -23,7 +24,7 @@ def clip_model(tiny_clip_cfg):
 def test_global_embedding_equals_encode_image(clip_model):
     torch.manual_seed(1)
     images = torch.randn(2, 3, 224, 224)
-    ours = ClipVisual(clip_model.visual)(images).global_embedding
+    ours = ClipViT(clip_model.visual)(images).global_embedding
     ref = clip_model.encode_image(images)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
@@ -66,7 +67,7 @@ def test_prompted_text_equals_full_causal_pass(clip_model):
 
 
 def test_taps_and_dense_shapes_at_320x480(clip_model):
-    vis = ClipVisual(clip_model.visual)
+    vis = ClipViT(clip_model.visual)
     assert vis.taps == [1, 2, 3, 4]  # depth 4: 4/3, 4/2, 8/3 rounded, 4
     feats = vis(torch.randn(2, 3, 320, 480))
     assert [tuple(t.shape) for t in feats.taps] == [(2, 128, 20, 30)] * 4
@@ -80,7 +81,7 @@ def test_default_taps_per_depth():
 
 
 def test_non_multiple_input_is_padded_inside(clip_model):
-    vis = ClipVisual(clip_model.visual)
+    vis = ClipViT(clip_model.visual)
     x = torch.randn(1, 3, 200, 250)
     feats = vis(x)
     assert feats.dense.shape[2:] == (13, 16)
@@ -89,7 +90,7 @@ def test_non_multiple_input_is_padded_inside(clip_model):
 
 
 def test_image_tower_runs_without_autograd(clip_model):
-    vis = ClipVisual(clip_model.visual)
+    vis = ClipViT(clip_model.visual)
     x = torch.randn(1, 3, 64, 64, requires_grad=True)
     assert not vis(x).dense.requires_grad
     vis.train()

@@ -67,14 +67,15 @@ def test_every_third_party_import_is_declared():
 
 def test_a_sequence_first_open_clip_is_refused_in_one_line(tiny_clip_cfg):
     """open_clip before 2.26.1 runs its transformers sequence-first: the wrappers would mix the batch."""
-    from weakclip.clip import ClipVisual, PromptTextEncoder, load_clip
+    from weakclip.backbones import ClipViT
+    from weakclip.clip import PromptTextEncoder, load_clip
     from weakclip.errors import WeakclipError
 
     model = load_clip(tiny_clip_cfg)
-    ClipVisual(model.visual)
+    ClipViT(model.visual)
     model.visual.transformer.batch_first = False
     with pytest.raises(WeakclipError, match="sequence-first.*open_clip_torch>=2.26.1"):
-        ClipVisual(model.visual)
+        ClipViT(model.visual)
     model.visual.transformer.batch_first = True
     model.transformer.batch_first = False
     with pytest.raises(WeakclipError, match="sequence-first.*open_clip_torch>=2.26.1"):

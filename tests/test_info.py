@@ -10,7 +10,7 @@ import torch
 
 import weakclip.clip
 from weakclip.cli import main
-from weakclip.config import ClipConfig, ModelConfig
+from weakclip.config import ClipConfig, CoAttentionConfig, ModelConfig
 from weakclip.model import build_architecture, build_model
 
 
@@ -44,7 +44,7 @@ def test_info_voc_counts_the_released_architecture_without_weights(no_weights, c
 
 
 def test_architecture_counts_equal_those_of_the_built_model(tiny_clip_cfg):
-    cfg = ModelConfig(clip=tiny_clip_cfg, decoder_channels=32, coattn_layers=2)
+    cfg = ModelConfig(clip=tiny_clip_cfg, decoder_channels=32, co_attention=CoAttentionConfig(layers=2))
     names = ["background", "cat", "dog"]
     meta = build_architecture(cfg, names)
     assert all(p.device.type == "meta" for p in meta.parameters())
@@ -54,3 +54,36 @@ def test_architecture_counts_equal_those_of_the_built_model(tiny_clip_cfg):
     assert build_architecture(named, names).param_counts()["clip_visual"] == sum(
         p.numel() for p in reference.visual.parameters())
     assert torch.get_default_device().type == "cpu"  # the meta device does not leak out
+
+
+def _co_attention_params(d: int, width: int = 256) -> int:
+    """One decoder layer per direction at ``width`` over D = ``d`` embeddings (reference notes, section 1.5)."""
+    layer = 3 * 2 * width + 2 * (4 * width * width + width) + (width * 4 * width + 4 * width) + (4 * width * width + width)
+    projections = (2 * d + d * width + width + 2 * width) + (2 * d + d * width + width)
+    outputs = 2 * (2 * width + width * d + d)
+    return projections + 2 * layer + outputs
+
+
+@pytest.mark.parametrize(("config", "clip_model"), [("voc-rn50", "RN50"), ("voc-rn101", "RN101")])
+def test_info_resnet_configs_count_the_paper_backbones_without_weights(no_weights, capsys, config, clip_model):
+    assert main(["info", "--config", config]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["clip"], out["backbone"]) == (clip_model, "ClipResNet")
+    counts = out["parameters"]
+    reference = open_clip.create_model(clip_model, pretrained=None)  # random: the architecture only
+    stages = [256, 512, 1024, 2048]  # bottleneck stage widths of RN50 and RN101
+    assert counts["clip_visual"] == sum(p.numel() for p in reference.visual.parameters())
+    # The text tower less its position table (a buffer of the prompt encoder) and CLIP's logit scale.
+    assert counts["clip_text"] == sum(p.numel() for n, p in reference.named_parameters()
+                                      if not n.startswith("visual.") and n not in ("positional_embedding", "logit_scale"))
+    assert counts["adapter"] == 2 * sum(stages)  # a GroupNorm per stage: the stages already form the pyramid
+    assert counts["neck"] == sum((c + 21) * 256 + 256 for c in stages) + 4 * (256 * 256 * 9 + 256)
+    assert counts["head"] == 4_137_749  # as with ViT-B/16: 256 channels, 21 classes
+    assert counts["co_attention"] == _co_attention_params(reference.visual.output_dim)
+    assert counts["alpha_beta"] == 2 * reference.visual.output_dim
+    assert counts["frozen"] == counts["clip_visual"] + counts["clip_text"]
+    assert counts["trainable"] + counts["frozen"] == counts["total"]
+
+
+def test_co_attention_count_formula_gives_the_released_number():
+    assert _co_attention_params(512) == 2_633_216  # the released ViT-B/16 count (reference notes, section 1.9)

@@ -16,9 +16,9 @@ from PIL import Image
 from weakclip.cli import main
 from weakclip.config import load_config
 from weakclip.data.datasets import list_samples
-from weakclip.distributed import DistInfo
 from weakclip.data.masks import read_mask, write_mask
 from weakclip.data.voc import prepare_voc
+from weakclip.distributed import DistInfo
 from weakclip.errors import WeakclipError
 from weakclip.infer import label_filter, write_label_maps
 

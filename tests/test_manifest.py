@@ -66,7 +66,7 @@ def _changes(s) -> dict:
     with torch.no_grad():
         s.model.head.classifier.bias.add_(1.0)
     save_weights(other_ckpt, s.model, checkpoint_metadata(cfg))
-    clip = mcfg.clip
+    clip, backbone = mcfg.clip, mcfg.backbone
     relabelled = s.root / "relabelled.json"
     table = json.loads((s.root / "cls_labels.json").read_text())
     first = next(iter(table))
@@ -78,9 +78,9 @@ def _changes(s) -> dict:
                          s.ckpt),
         "normalisation": (cfg, dataclasses.replace(mcfg, clip=dataclasses.replace(clip, normalize="imagenet")),
                           s.ckpt),
-        "class token": (cfg, dataclasses.replace(mcfg, clip=dataclasses.replace(clip, class_token_twice=True)),
+        "class token": (cfg, dataclasses.replace(mcfg, backbone=dataclasses.replace(backbone, class_token_twice=True)),
                         s.ckpt),
-        "taps": (cfg, dataclasses.replace(mcfg, clip=dataclasses.replace(clip, taps=[1, 2, 3, 4])), s.ckpt),
+        "taps": (cfg, dataclasses.replace(mcfg, backbone=dataclasses.replace(backbone, taps=[1, 2, 3, 4])), s.ckpt),
         "clip model": (cfg, dataclasses.replace(mcfg, clip=dataclasses.replace(clip, model="ViT-S-16")), s.ckpt),
         "class names": (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, class_names=names)), mcfg,
                         s.ckpt),

@@ -38,37 +38,53 @@ def test_odd_input_sizes_give_quarter_resolution_logits(model_cfg):
     assert out["score_map"].shape == (1, 21, 13, 16)
 
 
-@pytest.mark.parametrize("released", [False, True])
+def _textbook_decoder(model, pyramid, score):
+    """The text-guided decoder as the paper and the released code write it: the score map concatenated onto
+    each level, FPN laterals, top-down sums, output convs, every head branch upsampled on its own and
+    bilinearly resized to the finest level when it does not land there, summed, classified."""
+    neck, head = model.neck, model.head
+    lat = [conv(torch.cat([f, F.interpolate(score, size=f.shape[2:], mode="bilinear", align_corners=True)], 1))
+           for conv, f in zip(neck.lateral, pyramid)]
+    for i in range(3, 0, -1):
+        lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
+    outs = [conv(x) for conv, x in zip(neck.output, lat)]
+    summed = head.branches[0](outs[0])
+    for branch, f in zip(head.branches[1:], outs[1:]):
+        summed = summed + F.interpolate(branch(f), size=summed.shape[2:], mode="bilinear", align_corners=False)
+    return head.classifier(summed)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "vit-released", "resnet"])
 @pytest.mark.parametrize("size", [(128, 192), (80, 112), (64, 91), (200, 250)])
-def test_decoder_equals_plain_module_composition(model_cfg, size, released):
-    # The fused adapter->lateral path and the head's shared upsampling against the textbook order:
-    # adapter maps, score map concatenated, FPN laterals, every head branch upsampled on its own and
-    # bilinearly resized to the finest level when it does not land there, summed. Odd token grids
-    # (5 x 7, 4 x 5, 13 x 16) floor the 1/32 level, whose branch then needs the resize.
-    model = _build(model_cfg, released=released).eval()
+def test_decoder_fast_paths_equal_the_textbook_composition(model_cfg, tiny_resnet_clip_cfg, size, backbone):
+    # The neck's split laterals (no concatenation built), the head's shared upsampling and the adapter's
+    # channels-last deconvolutions against the textbook order. ViT token grids 8 x 12 and 5 x 7 (even, odd),
+    # 4 x 6 released, 13 x 16 (odd, padded); 4 x 5 (truncated) floors the 1/32 level, whose head branch then
+    # needs the resize. ResNet grids 4 x 6 .. 7 x 8 at 1/32, from inputs padded to multiples of 32.
+    cfg = dataclasses.replace(model_cfg, clip=tiny_resnet_clip_cfg) if backbone == "resnet" else model_cfg
+    model = _build(cfg, released=backbone == "vit-released").eval()
     images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
     with torch.no_grad():
         out = model(images)
         feats = model.visual(model.normalize(images))
-        levels = model.adapter(feats.taps)
-        assert levels[3].shape[2:] == (levels[2].shape[2] // 2, levels[2].shape[3] // 2)  # floor, as released
-        levels = [torch.cat([f, F.interpolate(out["score_map"], size=f.shape[2:], mode="bilinear",
-                                              align_corners=True)], dim=1) for f in levels]
-        neck = model.neck(levels)
-        head = model.head
-        fused = head.branches[0](neck[0])
-        for branch, f in zip(head.branches[1:], neck[1:]):
-            fused = fused + F.interpolate(branch(f), size=fused.shape[2:], mode="bilinear", align_corners=False)
-        ref = head.classifier(fused)
-    h, w = (-(-size[0] // 4), -(-size[1] // 4)) if not released else (4 * (size[0] // 16), 4 * (size[1] // 16))
+        pyramid = model.adapter(feats.taps)
+        assert [p.shape[2:] for p in pyramid[1:]] == [(pyramid[0].shape[2] >> i, pyramid[0].shape[3] >> i)
+                                                      for i in (1, 2, 3)]  # halving, odd 1/16 grids floored
+        ref = _textbook_decoder(model, pyramid, out["score_map"])
+    h, w = (-(-size[0] // 4), -(-size[1] // 4)) if backbone != "vit-released" else (4 * (size[0] // 16),
+                                                                                    4 * (size[1] // 16))
     assert out["logits"].shape[2:] == (h, w)
     torch.testing.assert_close(out["logits"], ref[:, :, :h, :w], rtol=1e-4, atol=1e-4)
 
 
-def test_deconv2x2_equals_conv_transpose():
+@pytest.mark.parametrize("grid", [(4, 6), (5, 7)])
+def test_deconv2x2_equals_conv_transpose(grid):
     torch.manual_seed(0)
-    x, w, b = torch.randn(2, 6, 5, 7), torch.randn(6, 4, 2, 2), torch.randn(4)
-    torch.testing.assert_close(deconv2x2(x, w, b), F.conv_transpose2d(x, w, b, stride=2), rtol=1e-5, atol=1e-5)
+    x, w, b = torch.randn(2, 6, *grid), torch.randn(6, 4, 2, 2), torch.randn(4)
+    y = deconv2x2(x, w, b)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, F.conv_transpose2d(x, w, b, stride=2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(deconv2x2(x, w, None), F.conv_transpose2d(x, w, None, stride=2), rtol=1e-5, atol=1e-5)
 
 
 def test_only_trainable_parameters_get_gradients(model_cfg):
@@ -90,28 +106,40 @@ def test_released_frozen_adapter_switch(model_cfg):
     assert all(p.requires_grad for p in model.head.parameters())
 
 
+def _co(cfg, **changes):
+    return dataclasses.replace(cfg, co_attention=dataclasses.replace(cfg.co_attention, **changes))
+
+
 def test_alpha_beta_initial_value_and_shape(model_cfg):
-    model = _build(model_cfg, alpha_init=0.01, beta_init=0.001)
+    model = _build(_co(model_cfg, alpha_init=0.01, beta_init=0.001))
     assert torch.equal(model.co_attention.alpha, torch.full((64,), 0.01))
     assert torch.equal(model.co_attention.beta, torch.full((64,), 0.001))
 
 
 def test_co_attention_layers_are_chained(model_cfg):
-    model = _build(model_cfg, coattn_layers=2).eval()
+    model = _build(_co(model_cfg, layers=2)).eval()
     ca = model.co_attention
-    text, visual = torch.randn(1, 21, 64), torch.randn(1, 10, 64)
+    text, pixels, glob = torch.randn(1, 21, 64), torch.randn(1, 64, 2, 5), torch.randn(1, 64)
+    visual = torch.cat([glob[:, None], pixels.flatten(2).transpose(1, 2)], 1)  # global token, then pixels
     v, t = ca.visual_proj(visual), ca.text_proj(text)
     expected_text = text + ca.alpha * ca.text_out(ca.text_layers[1](ca.text_layers[0](t, v), v))
     expected_vis = visual + ca.beta * ca.visual_out(ca.visual_layers[1](ca.visual_layers[0](v, t), t))
-    got_text, got_vis = ca(text, visual)
+    got_text, got_pixels = ca(text, pixels, glob)
     torch.testing.assert_close(got_text, expected_text)
-    torch.testing.assert_close(got_vis, expected_vis)
+    torch.testing.assert_close(got_pixels, expected_vis[:, 1:].transpose(1, 2).reshape(1, 64, 2, 5))
+
+
+def test_released_co_attention_is_one_layer_per_direction(model_cfg):
+    model = _build(_co(model_cfg, type="released"))
+    assert len(model.co_attention.text_layers) == len(model.co_attention.visual_layers) == 1
+    with pytest.raises(WeakclipError, match="model.co_attention.layers: the released form"):
+        _build(_co(model_cfg, type="released", layers=3))
 
 
 @pytest.mark.parametrize(
     "changes",
     [
-        {"co_attention": False},
+        {"co_attention": "none"},
         {"learnable_prompts": False},
         {"pyramid_adapter": False},
         {"text_guided_decoder": False},
@@ -121,14 +149,17 @@ def test_co_attention_layers_are_chained(model_cfg):
 )
 def test_ablation_switches_build_and_run(model_cfg, changes):
     if "class_token_twice" in changes:
-        model_cfg = dataclasses.replace(model_cfg, clip=dataclasses.replace(model_cfg.clip, class_token_twice=True,
-                                                                            normalize="imagenet"))
+        model_cfg = dataclasses.replace(model_cfg, clip=dataclasses.replace(model_cfg.clip, normalize="imagenet"),
+                                        backbone=dataclasses.replace(model_cfg.backbone, class_token_twice=True))
         changes = {}
+    if "co_attention" in changes:
+        model_cfg = _co(model_cfg, type=changes.pop("co_attention"))
+        assert not changes
     model = _build(model_cfg, **changes)
     out = model(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
     assert out["logits"].shape == (1, 21, 16, 16)
-    if changes.get("co_attention") is False:
-        assert model.co_attention is None
+    if model_cfg.co_attention.type == "none":
+        assert not list(model.co_attention.parameters())
     if changes.get("learnable_prompts") is False:
         assert model.text.ctx is None
     if changes.get("text_guided_decoder") is False:
@@ -138,7 +169,7 @@ def test_ablation_switches_build_and_run(model_cfg, changes):
 
 
 def test_without_co_attention_score_map_is_plain_cosine(model_cfg):
-    model = _build(model_cfg, co_attention=False).eval()
+    model = _build(_co(model_cfg, type="none")).eval()
     images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
     feats = model.visual((images.float() - model.mean) / model.std)
     text = model.text()

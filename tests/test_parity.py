@@ -7,6 +7,7 @@ comparisons can fail: switching off one released behaviour breaks the odd-grid t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from weakclip.coattention import CoAttention
 from weakclip.config import Config
 from weakclip.parity import check_fixture, fixture_kind
 from weakclip.parity.weakclip import build_released_model
@@ -112,23 +114,27 @@ def test_class_token_counted_twice_is_what_the_released_numbers_need(odd):
 
 
 def test_unchained_co_attention_is_what_the_released_numbers_need(odd):
-    # Chaining the three released layers (our default form) changes the co-attention outputs.
+    # The released form (one layer per direction acts) matches; chaining layers (the bidirectional form) does not.
     fixture, config, inputs, ref, _ = odd
     state = load_file(str(fixture / "state_dict.safetensors"))
     conv = convert_state_dict(state, "fixture", 2, 2, 2)
     assert set(conv.ignored) == {k for k in state if re.match(r"context_decoder\.(anti_)?decoder\.[01]\.", k)}
     assert set(conv.ignored.values()) == {DEAD_LAYER_REASON}
-    model, _ = build_released_model(fixture, config)
+    model, cfg = build_released_model(fixture, config)
+    assert cfg.model.co_attention.type == "released"
+    chained = CoAttention(dataclasses.replace(cfg.model.co_attention, type="bidirectional", layers=2),
+                          model.visual.embed_dim)
+    released = model.co_attention.state_dict()
+    chained.load_state_dict({**released, **{k.replace("layers.0.", "layers.1."): v for k, v in released.items()
+                                            if "layers.0." in k}})
     with torch.no_grad():
         feats = model.visual(inputs["img"])
         tokens = torch.cat([feats.global_embedding[:, None], feats.dense.flatten(2).transpose(1, 2)], 1)
         text = model.text()[None].expand(2, -1, -1)
         d_text, _ = model.co_attention.deltas(text, tokens)
         torch.testing.assert_close(d_text, ref["coattn.text_diff"], rtol=1e-4, atol=1e-6)
-        model.co_attention.chained = True
-        model.co_attention.text_layers.append(model.co_attention.text_layers[0])  # two layers, chained
-        chained, _ = model.co_attention.deltas(text, tokens)
-    assert (chained - ref["coattn.text_diff"]).abs().max() > 1e-3
+        d_chained, _ = chained.eval().deltas(text, tokens)
+    assert (d_chained - ref["coattn.text_diff"]).abs().max() > 1e-3
 
 
 def _official_keys() -> dict[str, tuple[tuple[int, ...], str]]:
@@ -161,5 +167,5 @@ def test_full_size_released_key_list_converts_into_the_vit_b16_voc_model():
     model.load_weakclip_state_dict(conversion.state, "official keys")  # the loader's own checks agree
     vis = cfg.model.clip.arch["vision_cfg"]
     assert (vis["width"], vis["layers"], vis["image_size"], vis["width"] // vis["head_width"]) == (768, 12, 512, 12)
-    assert cfg.model.clip.arch["text_cfg"]["heads"] == 8 and cfg.model.coattn_heads == 4
+    assert cfg.model.clip.arch["text_cfg"]["heads"] == 8 and cfg.model.co_attention.heads == 4
     assert (cfg.model.released, cfg.model.n_ctx, cfg.model.name_length, cfg.model.decoder_channels) == (True, 8, 5, 256)

@@ -24,8 +24,9 @@ def trained(tmp_path, voc_sample):
     root = make_data_root(tmp_path / "data", voc_sample, sample_ids(voc_sample, 2))
     run_config = write_tiny_config(tmp_path / "run.yaml", root, infer={"crf_workers": 0})
     cfg = load_config(str(run_config))
-    clip = dataclasses.replace(cfg.model.clip, normalize="imagenet", class_token_twice=True, taps=[1, 2, 3, 4])
-    train_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, clip=clip))
+    clip = dataclasses.replace(cfg.model.clip, normalize="imagenet")
+    backbone = dataclasses.replace(cfg.model.backbone, class_token_twice=True, taps=[1, 2, 3, 4])
+    train_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, clip=clip, backbone=backbone))
     torch.manual_seed(0)
     model = build_model(train_cfg.model, train_cfg.data.class_names).eval()
     with torch.no_grad():  # trained weights: away from their initial values
@@ -40,7 +41,7 @@ def test_the_model_is_built_from_the_checkpoints_config(trained, capsys):
     cfg, _, model, ckpt = trained
     assert cfg.model.clip.normalize == "clip"  # the run config says otherwise
     loaded = load_refiner(cfg, ckpt).eval()
-    assert loaded.cfg.clip.normalize == "imagenet" and loaded.cfg.clip.class_token_twice
+    assert loaded.cfg.clip.normalize == "imagenet" and loaded.cfg.backbone.class_token_twice
     assert loaded.visual.taps == [1, 2, 3, 4]
     err = capsys.readouterr().err
     assert "model.clip.normalize='imagenet'" in err and "the checkpoint's settings are used" in err
@@ -57,8 +58,8 @@ def test_the_model_is_built_from_the_checkpoints_config(trained, capsys):
     (["model.n_ctx=4"], "trained with model.n_ctx=8, the config has model.n_ctx=4"),
     (["model.clip.arch.vision_cfg.layers=2"], "trained with model.clip.arch={"),
     (["model.clip.arch=null", "model.clip.model=ViT-B-16"], "trained with model.clip.arch={"),
-    (["data.class_names=[background,cat]", "infer.label_filter=false"], "trained on 21 classes (background, aeroplane, bicycle, ...), the "
-                                            "config has 2 (background, cat, ...)"),
+    (["data.class_names=[background,cat]", "infer.label_filter=false"],
+     "trained on 21 classes (background, aeroplane, bicycle, ...), the config has 2 (background, cat, ...)"),
 ])
 def test_a_disagreeing_run_config_is_refused_in_one_line(trained, tmp_path, capsys, change, message):
     _, run_config, _, ckpt = trained

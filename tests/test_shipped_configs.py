@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH, TINY_RESNET_ARCH
 from PIL import Image
 
 from weakclip.cli import main
@@ -88,17 +88,20 @@ def trees(tmp_path_factory) -> dict[str, Path]:
     voc = _voc_tree(base / "VOCdevkit" / "VOC2012")
     demo = base / "demo"
     make_synthetic_dataset(demo, num_images=3, size=(48, 64), seed=4)
-    return {"voc": voc, "voc-sample-cpu": voc, "coco": _coco_tree(base), "demo": demo}
+    return {"voc": voc, "voc-sample-cpu": voc, "voc-rn50": voc, "voc-rn101": voc, "coco": _coco_tree(base),
+            "demo": demo}
 
 
 def test_the_tests_cover_every_shipped_config(trees):
     assert sorted(trees) == list_configs()
 
 
-@pytest.mark.parametrize("name", ["voc", "coco", "voc-sample-cpu", "demo"])
+@pytest.mark.parametrize("name", ["voc", "coco", "voc-sample-cpu", "demo", "voc-rn50", "voc-rn101"])
 def test_shipped_config_trains_makes_pseudo_masks_and_evaluates(name, trees, tmp_path, capsys):
     root = trees[name]
-    sets = [arg for key, value in {**TINY, "data.root": str(root)}.items() for arg in ("--set", f"{key}={value}")]
+    arch = TINY_RESNET_ARCH if load_config(name).model.clip.model.startswith("RN") else TINY_ARCH
+    tiny = {**TINY, "model.clip.arch": json.dumps(arch), "data.root": str(root)}
+    sets = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
     cfg = load_config(name, [s for s in sets if s != "--set"])
     assert cfg.data.labels_file == "cls_labels.json" and not cfg.data.labels_from_seeds
     run, masks = tmp_path / "run", tmp_path / "masks"

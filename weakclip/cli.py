@@ -43,8 +43,19 @@ def cmd_info(args) -> None:
 
     cfg = _config(args)
     model = build_architecture(cfg.model, cfg.data.class_names)
-    print(json.dumps({"config": cfg.name, "clip": cfg.model.clip.model, "num_classes": cfg.num_classes,
+    print(json.dumps({"config": cfg.name, "clip": cfg.model.clip.model, "backbone": type(model.visual).__name__,
+                      "co_attention": cfg.model.co_attention.type, "num_classes": cfg.num_classes,
                       "parameters": model.param_counts()}, indent=2))
+
+
+def cmd_parts(args) -> None:
+    from .backbones import BACKBONES
+    from .coattention import CO_ATTENTION
+
+    for registry in (BACKBONES, CO_ATTENTION):
+        print(f"{registry.what}:")
+        for name in registry.names():
+            print(f"  {name:<14} {registry.describe(name)}")
 
 
 def cmd_train(args) -> None:
@@ -173,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter counts of a config's model, as JSON (architecture only, no weights)")
     _add_config(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("parts", help="list the registered backbones and co-attention types")
+    p.set_defaults(func=cmd_parts)
 
     p = sub.add_parser("train", help="train the WeakCLIP refiner on images + seeds (torchrun for DDP)")
     _add_config(p)

@@ -1,9 +1,8 @@
-"""Frozen CLIP on open_clip: a visual wrapper that taps intermediate blocks and projects every patch token,
-and a text wrapper that inserts learnable context vectors before each tokenised class name.
+"""Frozen CLIP on open_clip: loading its weights in every real format, and a text wrapper that inserts
+learnable context vectors before each tokenised class name (the image towers are in ``weakclip.backbones``).
 
-Both wrap an open_clip model's own modules (we call its blocks, norms and projections; nothing is
-re-implemented) and keep them frozen: ``requires_grad=False``, always in eval mode, and the image tower
-runs without autograd.
+The text wrapper calls the open_clip model's own blocks, norms and projections and keeps them frozen:
+``requires_grad=False`` and always in eval mode.
 """
 
 from __future__ import annotations
@@ -12,14 +11,12 @@ import importlib.metadata
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip.model import build_model_from_openai_state_dict
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
 from .config import ClipConfig
@@ -172,97 +169,6 @@ def clip_architecture(cfg: ClipConfig) -> nn.Module:
             return _frozen(_create(cfg, device="meta"))
     finally:
         logging.disable(logging.NOTSET)
-
-
-# ------------------------------------------------------------------------------------------------ visual
-
-
-@dataclass
-class VisualFeatures:
-    """Outputs of :class:`ClipVisual` for a (B, 3, H, W) input, with h = ceil(H / p), w = ceil(W / p).
-
-    taps: 4 maps (B, C_vit, h, w) from the tapped blocks, before ``ln_post``;
-    dense: (B, D, h, w) ``ln_post`` + projection applied to every patch token;
-    global_embedding: (B, D) the class token's embedding, as CLIP's ``encode_image``.
-    """
-
-    taps: list[Tensor]
-    dense: Tensor
-    global_embedding: Tensor
-
-
-def default_taps(depth: int) -> list[int]:
-    """Blocks tapped for a ViT of ``depth`` blocks (1-based): 4, 6, 8, 12 for 12; 8, 12, 16, 24 for 24."""
-    return [max(1, round(depth * f)) for f in (1 / 3, 1 / 2, 2 / 3)] + [depth]
-
-
-class ClipVisual(nn.Module):
-    """Frozen open_clip ViT that returns tapped block outputs and dense projected embeddings.
-
-    Any input whose sides are multiples of the patch size works: the positional embedding is interpolated
-    (bilinear, from CLIP's own grid) at every forward. Other sizes are zero-padded on the right and bottom
-    inside, so outputs cover ceil(H / p) x ceil(W / p) cells; with ``truncate`` (the released behaviour)
-    the patch convolution drops the last H mod p rows and W mod p columns instead: floor(H / p) x floor(W / p).
-    """
-
-    def __init__(self, visual: nn.Module, taps: list[int] | None = None, class_token_twice: bool = False,
-                 truncate: bool = False):
-        super().__init__()
-        if not isinstance(visual, VisionTransformer):
-            raise WeakclipError(f"weakclip needs a CLIP ViT image tower; got {type(visual).__name__}")
-        if visual.attn_pool is not None or visual.pool_type != "tok" or getattr(visual, "final_ln_after_pool", False):
-            raise WeakclipError("weakclip needs a CLIP ViT that pools its class token (no attentional/avg pooling)")
-        require_batch_first(visual.transformer, "image")
-        self.visual = visual
-        depth = len(visual.transformer.resblocks)
-        self.taps = list(taps) if taps else default_taps(depth)
-        if len(self.taps) != 4 or not all(1 <= t <= depth for t in self.taps) or sorted(self.taps) != self.taps:
-            raise WeakclipError(f"model.clip.taps: need 4 increasing block indices in 1..{depth}, got {self.taps}")
-        self.class_token_twice = class_token_twice
-        self.truncate = truncate
-        self.patch_size = int(visual.conv1.kernel_size[0])
-        self.width = int(visual.conv1.out_channels)
-        self.embed_dim = int(visual.proj.shape[1])
-        self.grid = tuple(int(g) for g in visual.grid_size)
-
-    def train(self, mode: bool = True) -> ClipVisual:
-        # Frozen: dropout and patch dropout stay off whatever the rest of the model does.
-        return super().train(False)
-
-    def _pos_embed(self, gh: int, gw: int, dtype: torch.dtype) -> Tensor:
-        pos = self.visual.positional_embedding.to(dtype)
-        if (gh, gw) == self.grid:
-            return pos
-        cls, grid = pos[:1], pos[1:]
-        grid = grid.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
-        return torch.cat([cls, grid.flatten(2)[0].transpose(0, 1)], dim=0)
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> VisualFeatures:
-        """images: (B, 3, H, W) normalised. Returns :class:`VisualFeatures` on the ceil(H/p) x ceil(W/p) grid
-        (floor with ``truncate``)."""
-        v = self.visual
-        p = self.patch_size
-        pad_h, pad_w = (-images.shape[2]) % p, (-images.shape[3]) % p
-        if (pad_h or pad_w) and not self.truncate:
-            images = F.pad(images, (0, pad_w, 0, pad_h))
-        x = v.conv1(images)  # (B, C, gh, gw)
-        b, c, gh, gw = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        cls = v.class_embedding.to(x.dtype)
-        if self.class_token_twice:
-            cls = 2 * cls
-        x = torch.cat([cls.expand(b, 1, c), x], dim=1) + self._pos_embed(gh, gw, x.dtype)
-        x = v.ln_pre(x)
-        taps: list[Tensor] = []
-        for i, block in enumerate(v.transformer.resblocks, start=1):
-            x = block(x)
-            if i in self.taps:
-                taps.append(x[:, 1:].transpose(1, 2).reshape(b, c, gh, gw))
-        x = v.ln_post(x) @ v.proj  # every token, not just the class token
-        dense = x[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw)
-        return VisualFeatures(taps=taps, dense=dense, global_embedding=x[:, 0])
 
 
 # -------------------------------------------------------------------------------------------------- text

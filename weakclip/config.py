@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,28 +27,51 @@ VOC_CLASSES = (
 
 @dataclass
 class ClipConfig:
-    """Which CLIP to wrap and how. ``pretrained`` is an open_clip tag, a local file, or null (random init)."""
+    """Which CLIP to wrap. ``pretrained`` is an open_clip tag, a local file, or null (random init)."""
 
-    model: str = "ViT-B-16"
+    model: str = "ViT-B-16"  # an open_clip model name: ViT-B-16, RN50, RN101, ... (open_clip.list_models())
     pretrained: str | None = "openai"
     # Custom architecture for open_clip.CLIP(**arch) (embed_dim, vision_cfg, text_cfg); overrides ``model``.
     arch: dict | None = None
-    # 1-based block indices whose outputs are tapped; null picks depth * (1/3, 1/2, 2/3, 1): 4, 6, 8, 12.
-    taps: list[int] | None = None
     normalize: str = "clip"  # "clip" or "imagenet" (released)
-    class_token_twice: bool = False  # released quirk: CLS input = 2 * class_embedding + pos[0]
     # The CLIP weights are stored in the refiner checkpoint itself (converted released checkpoints, whose
     # CLIP drifted during training): ``pretrained`` is ignored and checkpoints keep CLIP's weights too.
     in_checkpoint: bool = False
 
 
 @dataclass
+class BackboneConfig:
+    """How the frozen CLIP image tower feeds WeakCLIP (``weakclip.backbones``, ``weakclip parts``)."""
+
+    type: str = "auto"  # a registered backbone ("clip-vit", "clip-resnet"); auto: the one for CLIP's image tower
+    # clip-vit: 1-based block indices whose outputs are tapped; null picks depth * (1/3, 1/2, 2/3, 1): 4, 6, 8, 12.
+    # clip-resnet taps its four stages: leave null.
+    taps: list[int] | None = None
+    class_token_twice: bool = False  # clip-vit, released quirk: CLS input = 2 * class_embedding + pos[0]
+
+
+@dataclass
+class CoAttentionConfig:
+    """Co-attention matching (Eq. 7-9; Table 8 alpha/beta initial value) (``weakclip.coattention``)."""
+
+    type: str = "bidirectional"  # "bidirectional", "released" (one layer per direction, as released) or "none"
+    width: int = 256
+    heads: int = 4
+    layers: int = 1
+    dropout: float = 0.1
+    alpha_init: float = 0.1
+    beta_init: float = 0.1
+
+
+@dataclass
 class ModelConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    co_attention: CoAttentionConfig = field(default_factory=CoAttentionConfig)
     # Reproduce the released code's forward where ours differs on purpose: class token added twice,
-    # ImageNet normalisation, co-attention layers applied to the original inputs (only the last counts),
-    # sizes that are not a multiple of the patch truncated instead of padded, released loss details
-    # (auxiliary CE over all pixels, boundary-CRF colours by corner-aligned zoom and truncation).
+    # ImageNet normalisation, sizes that are not a multiple of the patch truncated instead of padded,
+    # released loss details (auxiliary CE over all pixels, boundary-CRF colours by corner-aligned zoom and
+    # truncation). Its co-attention form is co_attention.type: released.
     released: bool = False
     # Text side (Table 4 row "learnable prompts", Table 5 N).
     learnable_prompts: bool = True
@@ -58,14 +82,6 @@ class ModelConfig:
     # Visual side.
     pyramid_adapter: bool = True
     train_adapter: bool = True  # false = released behaviour (adapter stays at random init)
-    # Co-attention matching (Eq. 7-9; Table 8 alpha/beta initial value).
-    co_attention: bool = True
-    coattn_width: int = 256
-    coattn_heads: int = 4
-    coattn_layers: int = 1
-    coattn_dropout: float = 0.1
-    alpha_init: float = 0.1
-    beta_init: float = 0.1
     # Text-guided decoder: score map concatenated at all four levels (false: only at 1/16, as DenseCLIP).
     text_guided_decoder: bool = True
     decoder_channels: int = 256
@@ -369,9 +385,46 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
     return config_from_dict(tree)
 
 
+# Model keys of configs written before backbones and co-attention became nested entries (checkpoints store
+# their config): old key -> (section, new key).
+_MOVED_MODEL_KEYS = {
+    "coattn_width": ("co_attention", "width"), "coattn_heads": ("co_attention", "heads"),
+    "coattn_layers": ("co_attention", "layers"), "coattn_dropout": ("co_attention", "dropout"),
+    "alpha_init": ("co_attention", "alpha_init"), "beta_init": ("co_attention", "beta_init"),
+}
+_MOVED_CLIP_KEYS = {"taps": ("backbone", "taps"), "class_token_twice": ("backbone", "class_token_twice")}
+
+
+def _upgrade_model_keys(tree: dict) -> dict:
+    """``tree`` with the flat model keys of older configs moved to their nested entries (a warning names them)."""
+    model = tree.get("model")
+    if not isinstance(model, dict):
+        return tree
+    model = dict(model)
+    moved = []
+    if isinstance(model.get("co_attention"), bool):
+        on = model.pop("co_attention")
+        kind = ("released" if model.get("released") else "bidirectional") if on else "none"
+        model["co_attention"] = {"type": kind}
+        moved.append(f"model.co_attention: {str(on).lower()} -> model.co_attention.type: {kind}")
+    clip = dict(model["clip"]) if isinstance(model.get("clip"), dict) else {}
+    for source, table, prefix in ((model, _MOVED_MODEL_KEYS, "model"), (clip, _MOVED_CLIP_KEYS, "model.clip")):
+        for old, (section, new) in table.items():
+            if old in source:
+                model.setdefault(section, {})[new] = source.pop(old)
+                moved.append(f"{prefix}.{old} -> model.{section}.{new}")
+    if not moved:
+        return tree
+    if isinstance(model.get("clip"), dict):
+        model["clip"] = clip
+    logging.getLogger(__name__).warning("config keys renamed: %s", "; ".join(moved))
+    return {**tree, "model": model}
+
+
 def config_from_dict(tree: dict) -> Config:
-    """Build a validated :class:`Config` from a nested mapping (as saved by :func:`config_to_dict`)."""
-    return _build(Config, tree, "")
+    """Build a validated :class:`Config` from a nested mapping (as saved by :func:`config_to_dict`); the
+    flat model keys of older configs are accepted and moved to their nested entries."""
+    return _build(Config, _upgrade_model_keys(tree), "")
 
 
 def config_to_dict(cfg: Config) -> dict:

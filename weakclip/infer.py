@@ -506,15 +506,16 @@ def refiner_predictor(model: torch.nn.Module, device: torch.device, precision: s
 # Model settings that shape the trained weights (with the CLIP architecture: model.clip.arch, else
 # model.clip.model): a run config must agree with the checkpoint on these.
 ARCHITECTURE_KEYS = (
-    "learnable_prompts", "n_ctx", "name_length", "pyramid_adapter", "co_attention", "coattn_width",
-    "coattn_heads", "coattn_layers", "text_guided_decoder", "decoder_channels",
+    "learnable_prompts", "n_ctx", "name_length", "pyramid_adapter", "co_attention.type",
+    "co_attention.width", "co_attention.heads", "co_attention.layers", "text_guided_decoder", "decoder_channels",
 )
 
 
 def _architecture(model: dict) -> dict:
     clip = model["clip"]
+    flat = _flat(model)
     return {"clip.arch" if clip["arch"] else "clip.model": clip["arch"] or clip["model"],
-            **{key: model[key] for key in ARCHITECTURE_KEYS}}
+            **{key: flat[key] for key in ARCHITECTURE_KEYS}}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -1,21 +1,27 @@
-"""The WeakCLIP network: prompt-fed text encoder, pyramid adapter, co-attention matching, score map and
-text-guided decoder (FPN neck + Semantic-FPN head) over a frozen CLIP.
+"""The WeakCLIP network over a frozen CLIP: backbone taps -> pyramid adapter; prompts -> text embeddings;
+co-attention matching -> cosine score map; text-guided decoder (score map joined to the pyramid, FPN neck,
+Semantic-FPN head) -> logits at 1/4 of the input.
 
-Shapes for a (B, 3, H, W) input with a ViT-B/16 (C = 768, D = 512), K classes, h = H/16, w = W/16:
-taps 4 x (B, C, h, w) -> adapter (B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2);
-text (K, D) and visual tokens (B, 1 + hw, D) -> co-attention -> score map (B, K, h, w) cosine;
-decoder -> logits (B, K, 4h, 4w), i.e. 1/4 of the input.
+Shapes for a (B, 3, H, W) input, K classes, with ViT-B/16 (taps 4 x 768 channels at 1/16, D = 512) or RN50
+(taps 256, 512, 1024, 2048 channels at 1/4, 1/8, 1/16, 1/32, D = 1024, pixels at 1/32):
+adapter -> (B, C_i, H/4, W/4), (B, C_i, H/8, W/8), (B, C_i, H/16, W/16), (B, C_i, H/32, W/32);
+co-attention + score map -> (B, K, h, w) cosine at the backbone's dense stride;
+neck -> 4 x (B, 256, *) -> head -> logits (B, K, H/4, W/4).
+The parts are registered and swappable: ``weakclip.backbones`` and ``weakclip.coattention``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .clip import ClipVisual, PromptTextEncoder, check_shapes, clip_architecture, input_stats, load_clip
+from .backbones import VisualBackbone, build_backbone
+from .clip import PromptTextEncoder, check_shapes, clip_architecture, input_stats, load_clip
+from .coattention import build_co_attention
 from .config import ModelConfig
 from .errors import WeakclipError
 
@@ -27,14 +33,18 @@ def deconv2x2(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.conv_transpose2d(x, weight, bias, stride=2)`` for 2x2 kernels, as one matrix product.
 
     Each input pixel writes its own 2x2 output block, so the deconvolution is a (C_in -> 4 C_out) product
-    followed by a pixel shuffle; on CPUs this is faster than the library deconvolution, forward and backward.
-    x (B, C_in, h, w), weight (C_in, C_out, 2, 2), bias (C_out,) -> (B, C_out, 2h, 2w).
+    followed by a pixel shuffle of whole channel vectors. The result is returned in channels-last memory,
+    which the following norms, convolutions and 1x1 laterals read without reordering; on CPUs this is faster
+    than the library deconvolution, forward and backward.
+    x (B, C_in, h, w), weight (C_in, C_out, 2, 2), bias (C_out,) -> (B, C_out, 2h, 2w), channels-last.
     """
     b, c, h, w = x.shape
     n = weight.shape[1]
-    y = torch.matmul(x.permute(0, 2, 3, 1), weight.reshape(c, n * 4))  # (B, h, w, C_out * 4)
-    y = y.reshape(b, h, w, n, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, n, 2 * h, 2 * w)
-    return y if bias is None else y + bias.view(1, n, 1, 1)
+    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    cols = weight.permute(0, 2, 3, 1).reshape(c, 4 * n)  # (C_in, dy * dx * C_out)
+    y = rows @ cols if bias is None else torch.addmm(bias.repeat(4), rows, cols)
+    y = y.reshape(b, h, w, 2, 2, n).transpose(2, 3).reshape(b, 2 * h, 2 * w, n)
+    return y.permute(0, 3, 1, 2)
 
 
 class Deconv2x2(nn.ConvTranspose2d):
@@ -47,149 +57,41 @@ class Deconv2x2(nn.ConvTranspose2d):
         return deconv2x2(x, self.weight, self.bias)
 
 
-class PyramidAdapter(nn.Module):
-    """Turns four 1/16 ViT taps into 1/4, 1/8, 1/16 and 1/32 maps (GroupNorm(1) first on every level).
+def adapter_level(channels: int, factor: float) -> nn.Module:
+    """GroupNorm(1), then resampling by ``factor``: 2x2 deconvolutions (with BatchNorm and GELU between them)
+    to enlarge, a max-pool (flooring odd sizes, as released) to shrink, nothing at 1."""
+    norm = nn.GroupNorm(1, channels)
+    if factor == 1:
+        return norm
+    if factor < 1:
+        return nn.Sequential(norm, nn.MaxPool2d(round(1 / factor), stride=round(1 / factor)))
+    layers: list[nn.Module] = [norm, Deconv2x2(channels, channels)]
+    for _ in range(round(math.log2(factor)) - 1):
+        layers += [nn.BatchNorm2d(channels), nn.GELU(), Deconv2x2(channels, channels)]
+    return nn.Sequential(*layers)
 
-    The 1/32 max-pool floors odd grids, as the released code and ``nn.MaxPool2d``'s default do.
+
+class PyramidAdapter(nn.Module):
+    """The pyramid adapter (Sec. 3.3.2): each tap, on its own, to one level of a 1/4, 1/8, 1/16, 1/32 pyramid
+    (relative to the third tap's stride s: s/4, s/2, s, 2s).
+
+    A ViT's four taps all sit at 1/16: the first is enlarged 4x (deconv, BN, GELU, deconv), the second 2x, the
+    third kept, the fourth max-pooled to 1/32. A ResNet's stages already form that pyramid: each level is only
+    normalised. GroupNorm(1) comes first on every level.
     """
 
-    def __init__(self, width: int):
+    def __init__(self, channels: list[int], strides: list[int]):
         super().__init__()
-        self.level1 = nn.Sequential(
-            nn.GroupNorm(1, width),
-            Deconv2x2(width, width),
-            nn.BatchNorm2d(width),
-            nn.GELU(),
-            Deconv2x2(width, width),
-        )
-        self.level2 = nn.Sequential(nn.GroupNorm(1, width), Deconv2x2(width, width))
-        self.level3 = nn.GroupNorm(1, width)
-        self.level4 = nn.Sequential(nn.GroupNorm(1, width), nn.MaxPool2d(2, stride=2))
-
-    def levels(self) -> list[nn.Module]:
-        return [self.level1, self.level2, self.level3, self.level4]
+        factors = [strides[i] / (strides[2] * 2.0 ** (i - 2)) for i in range(4)]
+        if any(f <= 0 or not math.log2(f).is_integer() for f in factors):
+            raise WeakclipError(f"the pyramid adapter needs tap strides that are powers of two apart from "
+                                f"s/4, s/2, s, 2s; the backbone's are {strides}")
+        self.level1, self.level2, self.level3, self.level4 = (
+            adapter_level(c, f) for c, f in zip(channels, factors))
 
     def forward(self, taps: list[Tensor]) -> list[Tensor]:
-        """taps: 4 x (B, C, h, w) -> [(B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, h // 2, w // 2)]."""
-        return [level(tap) for level, tap in zip(self.levels(), taps)]
-
-
-def fused_lateral(level: nn.Module, lateral: nn.Conv2d, tap: Tensor, score: Tensor | None) -> Tensor:
-    """``lateral(cat([level(tap), resize(score)]))`` without building the concatenated wide map.
-
-    The 1x1 lateral is split into its adapter part and its score-map part, so the (C + K)-channel
-    concatenation is never copied. When the adapter level ends in a 2x2 stride-2 deconvolution, that
-    deconvolution and the lateral's adapter part, both linear, compose into one deconvolution straight to
-    the neck width (768 -> 256 channels at 1/4 instead of 768 -> 768 and then 789 -> 256): the same function
-    of the same parameters with about a third of the work, and no 768-channel 1/4-resolution map is stored
-    for backward.
-
-    tap (B, C, h, w), score (B, K, h', w') or None -> (B, lateral.out_channels, *level output size*).
-    """
-    width = lateral.in_channels - (score.shape[1] if score is not None else 0)
-    w_feat = lateral.weight[:, :width, 0, 0]  # (N, C)
-    last = level[-1] if isinstance(level, nn.Sequential) else level
-    if isinstance(last, Deconv2x2):
-        weight = torch.einsum("icxy,nc->inxy", last.weight, w_feat)  # (C_in, N, 2, 2)
-        out = deconv2x2(level[:-1](tap), weight, w_feat @ last.bias + lateral.bias)
-    else:
-        out = F.conv2d(level(tap), w_feat[:, :, None, None], lateral.bias)
-    if score is not None:
-        s = F.interpolate(score, size=out.shape[2:], mode="bilinear", align_corners=True)
-        out = out + torch.einsum("nk,bkhw->bnhw", lateral.weight[:, width:, 0, 0], s)
-    return out
-
-
-class Attention(nn.Module):
-    """Multi-head attention with bias-free q/k/v projections and a biased output projection."""
-
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(width, width, bias=False)
-        self.k = nn.Linear(width, width, bias=False)
-        self.v = nn.Linear(width, width, bias=False)
-        self.proj = nn.Linear(width, width)
-        self.proj_drop = nn.Dropout(dropout)
-
-    def forward(self, query: Tensor, memory: Tensor) -> Tensor:
-        """query (B, Nq, W), memory (B, Nk, W) -> (B, Nq, W)."""
-        b, nq, width = query.shape
-        split = lambda t: t.reshape(b, t.shape[1], self.heads, width // self.heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(memory)), split(self.v(memory)))
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, nq, width)))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm transformer decoder layer: self-attention, cross-attention to a memory, MLP."""
-
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
-        self.self_attn = Attention(width, heads, dropout)
-        self.cross_attn = Attention(width, heads, dropout)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width)
-        )
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
-        h = self.norm1(x)
-        x = x + self.self_attn(h, h)
-        x = x + self.cross_attn(self.norm2(x), memory)
-        return x + self.drop(self.mlp(self.norm3(x)))
-
-
-class CoAttention(nn.Module):
-    """Co-attention matching (Eq. 7-8): text attends to pixels and pixels attend to text, each through a
-    chain of decoder layers at ``width``; the updates are added back with per-channel scales alpha/beta.
-
-    With ``chained`` false (the released form) every layer is applied to the projected inputs and only the
-    last layer's output is kept, so only that layer matters: it alone is run.
-    """
-
-    def __init__(self, dim: int, width: int, heads: int, layers: int, dropout: float, alpha: float, beta: float,
-                 chained: bool = True):
-        super().__init__()
-        self.chained = chained
-        self.visual_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width), nn.LayerNorm(width))
-        self.text_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width))
-        self.text_layers = nn.ModuleList(DecoderLayer(width, heads, dropout) for _ in range(layers))
-        self.visual_layers = nn.ModuleList(DecoderLayer(width, heads, dropout) for _ in range(layers))
-        self.text_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
-        self.visual_out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
-        self.apply(self._init)
-        # alpha scales the text update (Eq. 7), beta the pixel update (Eq. 8).
-        self.alpha = nn.Parameter(torch.full((dim,), alpha))
-        self.beta = nn.Parameter(torch.full((dim,), beta))
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def deltas(self, text: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
-        """text (B, K, D), visual (B, N, D) -> the branch outputs (B, K, D) and (B, N, D) before alpha/beta."""
-        v, t = self.visual_proj(visual), self.text_proj(text)
-        if self.chained:  # each layer refines the previous layer's output
-            t_out, v_out = t, v
-            for layer in self.text_layers:
-                t_out = layer(t_out, v)
-            for layer in self.visual_layers:
-                v_out = layer(v_out, t)
-        else:
-            t_out, v_out = self.text_layers[-1](t, v), self.visual_layers[-1](v, t)
-        return self.text_out(t_out), self.visual_out(v_out)
-
-    def forward(self, text: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
-        """text (B, K, D), visual (B, N, D) -> updated text (B, K, D) and visual (B, N, D)."""
-        d_text, d_visual = self.deltas(text, visual)
-        return text + self.alpha * d_text, visual + self.beta * d_visual
+        """taps: 4 x (B, C_i, h_i, w_i) -> 4 x (B, C_i, *) at 1/4, 1/8, 1/16, 1/32 (odd sizes floor at 1/32)."""
+        return [level(tap) for level, tap in zip((self.level1, self.level2, self.level3, self.level4), taps)]
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -197,24 +99,38 @@ def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 
 class FPNNeck(nn.Module):
-    """Feature pyramid: 1x1 laterals, top-down nearest-upsampled sums, 3x3 output convs (no norm)."""
+    """The text-guided FPN neck (Sec. 3.3.4): the score map, resized to each level in ``score_levels``
+    (bilinear, corner-aligned), is concatenated after that level's channels; then 1x1 laterals, top-down
+    nearest-upsampled sums and 3x3 output convs (no norm).
 
-    def __init__(self, in_channels: list[int], channels: int):
+    Each lateral's weight is split into its feature part and its score part, so the (C + K)-channel
+    concatenation is never built: lateral([f, s]) = W_f f + W_s s + b, the same function.
+    """
+
+    def __init__(self, in_channels: list[int], score_channels: int, score_levels: tuple[int, ...], channels: int):
         super().__init__()
-        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.score_levels = tuple(score_levels)
+        self.lateral = nn.ModuleList(
+            nn.Conv2d(c + (score_channels if i in self.score_levels else 0), channels, 1)
+            for i, c in enumerate(in_channels))
         self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
-    def forward(self, feats: list[Tensor]) -> list[Tensor]:
-        """feats: (B, C_i, *) per level -> (B, channels, *) per level."""
-        return self.top_down([conv(f) for conv, f in zip(self.lateral, feats)])
+    def _lateral(self, i: int, feat: Tensor, score: Tensor) -> Tensor:
+        conv = self.lateral[i]
+        c = feat.shape[1]
+        out = F.conv2d(feat, conv.weight[:, :c], conv.bias)
+        if i in self.score_levels:
+            resized = F.interpolate(score, size=feat.shape[2:], mode="bilinear", align_corners=True)
+            out = out + F.conv2d(resized, conv.weight[:, c:])
+        return out
 
-    def top_down(self, lat: list[Tensor]) -> list[Tensor]:
-        """Lateral outputs (B, channels, *) per level, finest first -> the neck's outputs, same shapes."""
-        lat = list(lat)
+    def forward(self, feats: list[Tensor], score: Tensor) -> list[Tensor]:
+        """feats: 4 x (B, C_i, *) finest first, score (B, K, h, w) -> 4 x (B, channels, *), same sizes."""
+        lat = [self._lateral(i, f, score) for i, f in enumerate(feats)]
         for i in range(len(lat) - 1, 0, -1):
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
         return [conv(x) for conv, x in zip(self.output, lat)]
@@ -279,9 +195,10 @@ def cosine_score_map(text: Tensor, dense: Tensor) -> Tensor:
 class WeakCLIP(nn.Module):
     """Frozen CLIP + learnable prompts + pyramid adapter + co-attention + text-guided decoder.
 
-    ``forward(images)`` takes (B, 3, H, W) RGB in 0..255 (uint8 or float) and returns a dict with
-    ``logits`` (B, K, ceil(H/4), ceil(W/4)) and ``score_map`` (B, K, ceil(H/16), ceil(W/16)) (cosine); with
-    ``cfg.released`` the sizes are 4 floor(H/16) and floor(H/16), as the released patch convolution truncates.
+    ``forward(images)`` takes (B, 3, H, W) RGB in 0..255 (uint8 or float) and returns a dict with ``logits``
+    (B, K, ceil(H/4), ceil(W/4)) and ``score_map`` (B, K, h, w) (cosine, at the backbone's dense stride: ceil(H/16)
+    for ViT-B/16); with ``cfg.released`` a ViT's sizes are 4 floor(H/16) and floor(H/16), as the released
+    patch convolution truncates.
     """
 
     def __init__(self, cfg: ModelConfig, class_names: list[str], clip_model: nn.Module | None = None):
@@ -290,8 +207,7 @@ class WeakCLIP(nn.Module):
         self.class_names = list(class_names)
         released = cfg.released
         clip_model = clip_model if clip_model is not None else load_clip(cfg.clip)
-        self.visual = ClipVisual(clip_model.visual, cfg.clip.taps, cfg.clip.class_token_twice or released,
-                                 truncate=released)
+        self.visual: VisualBackbone = build_backbone(clip_model.visual, cfg.backbone, released)
         self.text = PromptTextEncoder(
             clip_model, self.class_names, cfg.n_ctx, cfg.name_length, cfg.learnable_prompts,
             cfg.prompt_template, cfg.ctx_init_std,
@@ -300,19 +216,15 @@ class WeakCLIP(nn.Module):
         # 0..255 constants computed in float64, so that they round to the released configs' float32 values.
         self.register_buffer("mean", torch.tensor([m * 255 for m in mean]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([s * 255 for s in std]).view(1, 3, 1, 1), persistent=False)
-        width, dim, k = self.visual.width, self.visual.embed_dim, len(self.class_names)
-        self.co_attention = (
-            CoAttention(dim, cfg.coattn_width, cfg.coattn_heads, cfg.coattn_layers, cfg.coattn_dropout,
-                        cfg.alpha_init, cfg.beta_init, chained=not released)
-            if cfg.co_attention else None
-        )
+        k = len(self.class_names)
+        self.co_attention = build_co_attention(cfg.co_attention, self.visual.embed_dim)
         if cfg.pyramid_adapter:
-            self.adapter = PyramidAdapter(width)
+            channels = self.visual.tap_channels
+            self.adapter = PyramidAdapter(channels, self.visual.tap_strides)
             self.adapter.requires_grad_(cfg.train_adapter)
             # Without the text-guided decoder the score map joins only the 1/16 level (as DenseCLIP).
-            self.score_levels = (0, 1, 2, 3) if cfg.text_guided_decoder else (2,)
-            in_ch = [width + (k if i in self.score_levels else 0) for i in range(4)]
-            self.neck = FPNNeck(in_ch, cfg.decoder_channels)
+            score_levels = (0, 1, 2, 3) if cfg.text_guided_decoder else (2,)
+            self.neck = FPNNeck(channels, k, score_levels, cfg.decoder_channels)
             self.head = SemanticFPNHead(cfg.decoder_channels, k, cfg.decoder_dropout)
         else:
             self.adapter = self.neck = self.head = None
@@ -335,25 +247,17 @@ class WeakCLIP(nn.Module):
 
     def forward_normalized(self, x: Tensor, text: Tensor | None = None) -> dict[str, Tensor]:
         """:meth:`forward` on an already normalised input x (B, 3, H, W)."""
-        feats = self.visual(x)
-        text = (self.text() if text is None else text).unsqueeze(0).expand(x.shape[0], -1, -1)
-        dense = feats.dense
-        if self.co_attention is not None:
-            b, d, h, w = dense.shape
-            tokens = torch.cat([feats.global_embedding[:, None], dense.flatten(2).transpose(1, 2)], dim=1)
-            text, tokens = self.co_attention(text, tokens)
-            dense = tokens[:, 1:].transpose(1, 2).reshape(b, d, h, w)
-        score = cosine_score_map(text, dense)
+        feats = self.visual(x)  # frozen CLIP image tower: taps, pixel and global embeddings
+        text = (self.text() if text is None else text).expand(x.shape[0], -1, -1)  # prompts -> (B, K, D)
+        text, pixels = self.co_attention(text, feats.dense, feats.global_embedding)  # Eq. 7-8
+        score = cosine_score_map(text, pixels)  # Eq. 9
         out_size = (-(-x.shape[2] // 4), -(-x.shape[3] // 4))
         if self.adapter is None:
             # Matching-only ablation: the scaled score map is the prediction.
             logits = F.interpolate(score / 0.07, size=out_size, mode="bilinear", align_corners=False)
             return {"logits": logits, "score_map": score}
-        laterals = [
-            fused_lateral(level, lateral, tap, score if i in self.score_levels else None)
-            for i, (level, lateral, tap) in enumerate(zip(self.adapter.levels(), self.neck.lateral, feats.taps))
-        ]
-        logits = self.head(self.neck.top_down(laterals))
+        pyramid = self.adapter(feats.taps)  # 1/4, 1/8, 1/16, 1/32
+        logits = self.head(self.neck(pyramid, score))  # text-guided decoder
         return {"logits": logits[:, :, : out_size[0], : out_size[1]], "score_map": score}
 
     # ------------------------------------------------------------------------------- parameters, state
@@ -362,23 +266,22 @@ class WeakCLIP(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def param_counts(self) -> dict[str, int]:
-        """Parameter counts: total, trainable and per module (CLIP towers, prompts, alpha/beta, ...)."""
+        """Parameter counts: total, trainable, frozen and per module (CLIP towers, prompts, alpha/beta, ...)."""
         groups: dict[str, int] = OrderedDict()
         groups["clip_visual"] = sum(p.numel() for p in self.visual.parameters())
-        text_tower = sum(p.numel() for n, p in self.text.named_parameters() if n != "ctx")
-        groups["clip_text"] = text_tower
+        groups["clip_text"] = sum(p.numel() for n, p in self.text.named_parameters() if n != "ctx")
         groups["prompts"] = self.text.ctx.numel() if self.text.ctx is not None else 0
-        if self.co_attention is not None:
-            ab = self.co_attention.alpha.numel() + self.co_attention.beta.numel()
-            groups["co_attention"] = sum(p.numel() for p in self.co_attention.parameters()) - ab
-            groups["alpha_beta"] = ab
+        scales = [p for n, p in self.co_attention.named_parameters() if n in ("alpha", "beta")]
+        groups["co_attention"] = sum(p.numel() for p in self.co_attention.parameters()) - sum(p.numel() for p in scales)
+        groups["alpha_beta"] = sum(p.numel() for p in scales)
         for name in ("adapter", "neck", "head"):
             module = getattr(self, name)
             if module is not None:
                 groups[name] = sum(p.numel() for p in module.parameters())
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.trainable_parameters())
-        return {"total": total, "trainable": trainable, "trainable_share": round(trainable / total, 4), **groups}
+        return {"total": total, "trainable": trainable, "frozen": total - trainable,
+                "trainable_share": round(trainable / total, 4), **groups}
 
     def weakclip_state_dict(self) -> dict[str, Tensor]:
         """Everything but the frozen CLIP weights (those come from the CLIP checkpoint): params and BN stats.

@@ -11,6 +11,7 @@ and every command that takes a checkpoint also accepts the ``.pth`` directly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import zipfile
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import ClipConfig, Config, ModelConfig
+from .config import BackboneConfig, ClipConfig, Config, ModelConfig
 from .errors import WeakclipError
 from .model import TEXT_POSITIONS
 
@@ -192,12 +193,13 @@ def released_config(base: Config, conversion: Conversion, class_names: list[str]
     cfg.data.class_names = names
     old = cfg.model
     cfg.model = ModelConfig(
-        clip=ClipConfig(model="released", pretrained=None, arch=copy.deepcopy(conversion.arch),
-                        taps=list(RELEASED_TAPS), normalize="imagenet", class_token_twice=True, in_checkpoint=True),
+        clip=ClipConfig(model="released", pretrained=None, arch=copy.deepcopy(conversion.arch), normalize="imagenet",
+                        in_checkpoint=True),
+        backbone=BackboneConfig(type="clip-vit", taps=list(RELEASED_TAPS), class_token_twice=True),
+        co_attention=dataclasses.replace(old.co_attention, type="released", width=m["coattn_width"],
+                                         heads=m["coattn_heads"], layers=m["coattn_layers"]),
         released=True, learnable_prompts=True, n_ctx=m["n_ctx"], ctx_init_std=1.0, name_length=m["name_length"],
-        pyramid_adapter=True, train_adapter=False, co_attention=True, coattn_width=m["coattn_width"],
-        coattn_heads=m["coattn_heads"], coattn_layers=m["coattn_layers"], coattn_dropout=old.coattn_dropout,
-        alpha_init=old.alpha_init, beta_init=old.beta_init, text_guided_decoder=True,
+        pyramid_adapter=True, train_adapter=False, text_guided_decoder=True,
         decoder_channels=m["decoder_channels"], decoder_dropout=old.decoder_dropout,
     )
     return cfg

@@ -95,7 +95,7 @@ def _check_network(model: WeakCLIP, inputs: dict, ref: dict, report: ParityRepor
             model.text.share_prefix = False
             _close(report, "text.features_full_pass", model.text()[None], ref["text.features"])
             model.text.share_prefix = True
-        b, d, h, w = feats.dense.shape
+        b = feats.dense.shape[0]
         tokens = torch.cat([feats.global_embedding[:, None], feats.dense.flatten(2).transpose(1, 2)], dim=1)
         _close(report, "coattn.visual_context", tokens, ref["coattn.visual_context"])
         text = text.expand(b, -1, -1)
@@ -103,8 +103,7 @@ def _check_network(model: WeakCLIP, inputs: dict, ref: dict, report: ParityRepor
         d_text, d_visual = co.deltas(text, tokens)
         _close(report, "coattn.text_diff", d_text, ref["coattn.text_diff"])
         _close(report, "coattn.visual_diff", d_visual, ref["coattn.visual_diff"])
-        text_after, tokens_after = co(text, tokens)
-        dense_after = tokens_after[:, 1:].transpose(1, 2).reshape(b, d, h, w)
+        text_after, dense_after = co(text, feats.dense, feats.global_embedding)
         _close(report, "coattn.text_after", text_after, ref["coattn.text_after"])
         _close(report, "coattn.dense_after", dense_after, ref["coattn.dense_after"])
         score = cosine_score_map(text_after, dense_after)
@@ -113,13 +112,13 @@ def _check_network(model: WeakCLIP, inputs: dict, ref: dict, report: ParityRepor
                    for f in levels]
         for i, x in enumerate(neck_in):
             _close(report, f"neck.in.{i}", x, ref[f"neck.in.{i}"])
-        neck_out = model.neck(neck_in)
+        neck_out = model.neck(levels, score)  # concatenates inside, by split lateral weights
         for i, x in enumerate(neck_out):
             _close(report, f"neck.out.{i}", x, ref[f"neck.out.{i}"])
         features = model.head.features(neck_out)
         _close(report, "head.features", features, ref["head.features"])
         _close(report, "head.logits", model.head.classifier(features), ref["head.logits"])
-        # The model's own forward: fused laterals, shared head upsampling, shared text prefix.
+        # The model's own forward: split laterals, shared head upsampling, shared text prefix.
         fast = model.forward_normalized(img)
         _close(report, "forward.logits", fast["logits"], ref["head.logits"])
         _close(report, "forward.score_map", fast["score_map"], ref["score_map"])

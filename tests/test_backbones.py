@@ -1,0 +1,155 @@
+"""The visual backbones against open_clip's own forward: ViT and modified-ResNet taps, global embeddings, the
+ResNet's dense embeddings against torch's attention, and picking a backbone from the config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weakclip.backbones import BACKBONES, ClipResNet, ClipViT, build_backbone, list_backbones
+from weakclip.clip import load_clip
+from weakclip.config import BackboneConfig
+from weakclip.errors import WeakclipError
+from weakclip.registry import Registry
+
+
+@pytest.fixture
+def resnet_clip(tiny_resnet_clip_cfg):
+    return load_clip(tiny_resnet_clip_cfg)
+
+
+@pytest.fixture
+def vit_clip(tiny_clip_cfg):
+    return load_clip(tiny_clip_cfg)
+
+
+def _outputs_during_encode_image(clip_model, modules, images):
+    """What ``modules`` return while open_clip's own ``encode_image`` runs, and its embedding."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out)) for m in modules]
+    try:
+        embedding = clip_model.encode_image(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, embedding
+
+
+def test_resnet_taps_and_global_embedding_equal_open_clips_forward(resnet_clip):
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 224, 224)  # the tower's native size: the pool's own positions
+    v = resnet_clip.visual
+    stages, embedding = _outputs_during_encode_image(resnet_clip, [v.layer1, v.layer2, v.layer3, v.layer4], images)
+    feats = ClipResNet(v)(images)
+    assert [tuple(t.shape) for t in feats.taps] == [(2, 32, 56, 56), (2, 64, 28, 28), (2, 128, 14, 14),
+                                                   (2, 256, 7, 7)]
+    for ours, ref in zip(feats.taps, stages):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(feats.global_embedding, embedding, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_dense_embeddings_are_each_position_attending_to_itself(resnet_clip):
+    # Reference: torch's multi-head attention with the pool's weights over all positions, each query masked to
+    # see only its own key, so its output is the output projection of its own value.
+    torch.manual_seed(2)
+    backbone = ClipResNet(resnet_clip.visual)
+    images = torch.randn(1, 3, 224, 224)
+    feats = backbone(images)
+    pool = resnet_clip.visual.attnpool
+    x = feats.taps[3].flatten(2).permute(2, 0, 1)
+    x = torch.cat([x.mean(0, keepdim=True), x]) + pool.positional_embedding[:, None]
+    n = x.shape[0]
+    self_only = torch.full((n, n), float("-inf")).fill_diagonal_(0.0)
+    with torch.no_grad():
+        out, _ = F.multi_head_attention_forward(
+            x, x, x, x.shape[-1], pool.num_heads, None,
+            torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+            pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=False, attn_mask=self_only,
+            use_separate_proj_weight=True, q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight,
+            v_proj_weight=pool.v_proj.weight)
+    ref = out[1:].permute(1, 2, 0).reshape(1, -1, 7, 7)
+    torch.testing.assert_close(feats.dense, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_pads_other_sizes_to_multiples_of_32(resnet_clip):
+    torch.manual_seed(3)
+    backbone = ClipResNet(resnet_clip.visual)
+    x = torch.randn(1, 3, 200, 250)
+    feats = backbone(x)
+    assert [t.shape[2:] for t in feats.taps] == [(56, 64), (28, 32), (14, 16), (7, 8)]
+    assert feats.dense.shape[2:] == (7, 8)
+    padded = backbone(F.pad(x, (0, 6, 0, 24)))
+    torch.testing.assert_close(feats.dense, padded.dense, rtol=0, atol=0)
+    torch.testing.assert_close(feats.global_embedding, padded.global_embedding, rtol=0, atol=0)
+
+
+def test_resnet_positions_are_resized_for_other_grids(resnet_clip):
+    backbone = ClipResNet(resnet_clip.visual)
+    table = resnet_clip.visual.attnpool.positional_embedding
+    assert torch.equal(backbone._pos_embed(7, 7, table.dtype), table)
+    resized = backbone._pos_embed(9, 11, table.dtype)
+    grid = table[1:].T.reshape(1, -1, 7, 7)
+    expected = F.interpolate(grid, size=(9, 11), mode="bilinear", align_corners=False).flatten(2)[0].T
+    torch.testing.assert_close(resized[1:], expected)
+    assert torch.equal(resized[0], table[0])  # the mean token keeps its own row
+
+
+def test_vit_taps_equal_open_clips_blocks(vit_clip):
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, 224, 224)
+    blocks = list(vit_clip.visual.transformer.resblocks)
+    outputs, embedding = _outputs_during_encode_image(vit_clip, blocks, images)
+    feats = ClipViT(vit_clip.visual, taps=[1, 2, 3, 4])(images)
+    for ours, ref in zip(feats.taps, outputs):
+        torch.testing.assert_close(ours, ref[:, 1:].transpose(1, 2).reshape(2, 128, 14, 14), rtol=0, atol=0)
+    torch.testing.assert_close(feats.global_embedding, embedding, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_interface_declares_what_it_returns(vit_clip, resnet_clip):
+    for backbone, strides in ((ClipViT(vit_clip.visual), [16] * 4), (ClipResNet(resnet_clip.visual), [4, 8, 16, 32])):
+        feats = backbone(torch.randn(1, 3, 128, 192))
+        assert backbone.tap_strides == strides
+        assert [t.shape[1] for t in feats.taps] == backbone.tap_channels
+        assert [t.shape[2:] for t in feats.taps] == [(128 // s, 192 // s) for s in strides]
+        assert feats.dense.shape[1:] == (backbone.embed_dim, 128 // backbone.dense_stride, 192 // backbone.dense_stride)
+        assert feats.global_embedding.shape == (1, backbone.embed_dim)
+
+
+def test_auto_picks_the_backbone_for_the_tower(vit_clip, resnet_clip):
+    assert list_backbones() == ["clip-resnet", "clip-vit"]
+    assert isinstance(build_backbone(vit_clip.visual, BackboneConfig()), ClipViT)
+    assert isinstance(build_backbone(resnet_clip.visual, BackboneConfig()), ClipResNet)
+    assert isinstance(build_backbone(resnet_clip.visual, BackboneConfig(type="clip-resnet")), ClipResNet)
+
+
+@pytest.mark.parametrize(("tower", "cfg", "message"), [
+    ("resnet", BackboneConfig(type="clip-vit"), "model.backbone: clip-vit needs a CLIP ViT image tower; got Modif"),
+    ("vit", BackboneConfig(type="clip-resnet"), "clip-resnet needs a CLIP ModifiedResNet image tower"),
+    ("resnet", BackboneConfig(taps=[1, 2, 3, 4]), "model.backbone.taps: clip-resnet taps its four stages"),
+    ("resnet", BackboneConfig(class_token_twice=True), "a ResNet has no class token"),
+    ("vit", BackboneConfig(taps=[1, 2, 3, 9]), r"model.backbone.taps: need 4 increasing block indices in 1..4"),
+    ("vit", BackboneConfig(type="swin"), r"model.backbone.type: unknown 'swin' \(registered: clip-resnet, clip-vit\)"),
+])
+def test_backbone_config_errors_are_one_line(vit_clip, resnet_clip, tower, cfg, message):
+    visual = (vit_clip if tower == "vit" else resnet_clip).visual
+    with pytest.raises(WeakclipError, match=message) as err:
+        build_backbone(visual, cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_registry_lists_describes_and_refuses_twins():
+    registry = Registry("model.part.type")
+
+    @registry.register("plain")
+    def plain():
+        """A plain part.
+
+        More words."""
+
+    assert registry.names() == ["plain"] and "plain" in registry and registry.describe("plain") == "A plain part."
+    with pytest.raises(ValueError, match="'plain' is registered twice"):
+        registry.register("plain")(plain)
+    with pytest.raises(WeakclipError, match=r"model.part.type: unknown 'other' \(registered: plain\)"):
+        registry.get("other")
+    assert set(BACKBONES.names()) == {"clip-vit", "clip-resnet"}

@@ -130,7 +130,8 @@ class FPNNeck(nn.Module):
 
     def forward(self, feats: list[Tensor], score: Tensor) -> list[Tensor]:
         """feats: 4 x (B, C_i, *) finest first, score (B, K, h, w) -> 4 x (B, channels, *), same sizes."""
-        lat = [self._lateral(i, f, score) for i, f in enumerate(feats)]
+        # Channels-last throughout: the deconvolved levels already are, and the convolutions run faster on it.
+        lat = [self._lateral(i, f.contiguous(memory_format=torch.channels_last), score) for i, f in enumerate(feats)]
         for i in range(len(lat) - 1, 0, -1):
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
         return [conv(x) for conv, x in zip(self.output, lat)]

@@ -1,8 +1,9 @@
 """One full WeakCLIP training step against a bare frozen forward of the image tower, in the same run.
 
     python benchmarks/train_step.py [--json] [--repeat N] [--batch 2] [--size 320] [--device cpu|cuda]
+                                    [--clip-model ViT-B-16|RN50|RN101|...]
 
-ViT-B/16 with random weights (timing does not depend on them), 21 classes. The step is what
+ViT-B/16 (or ``--clip-model``) with random weights (timing does not depend on them), 21 classes. The step is what
 ``weakclip train`` runs per iteration: forward, seeding + boundary (CRF, ``auto`` backend) + auxiliary
 losses, backward, AdamW step over the trainable parameters. The reference is ``visual(images)`` under
 no_grad on the same batch. Medians of N interleaved runs after one warm-up each; ``ratio`` = step / forward. Peak RSS is the
@@ -46,10 +47,10 @@ def _median_times(fns: list, repeat: int, device: torch.device) -> list[float]:
     return [statistics.median(col) for col in zip(*times)]
 
 
-def measure_step(batch: int, size: int, device: torch.device, repeat: int) -> dict:
+def measure_step(batch: int, size: int, device: torch.device, repeat: int, clip_model: str = "ViT-B-16") -> dict:
     """Median seconds of a full training step and of the bare frozen image-tower forward, same batch."""
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(clip=ClipConfig(model="ViT-B-16", pretrained=None)))
+    cfg = Config(model=ModelConfig(clip=ClipConfig(model=clip_model, pretrained=None)))
     model = build_model(cfg.model, cfg.data.class_names)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)  # what ``weakclip train`` uses
@@ -81,6 +82,7 @@ def measure_step(batch: int, size: int, device: torch.device, repeat: int) -> di
         "ratio": round(step_s / forward_s, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
+        "clip_model": clip_model,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "batch": batch,
@@ -107,8 +109,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip model: ViT-B-16, RN50, RN101, ...")
     args = parser.parse_args()
-    print_result(measure_step(args.batch, args.size, torch.device(args.device), args.repeat), args.json)
+    print_result(measure_step(args.batch, args.size, torch.device(args.device), args.repeat, args.clip_model),
+                 args.json)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from conftest import CLIP_ES_FIXTURE
 from safetensors.torch import load_file
 
+from weakclip.clip import load_clip
 from weakclip.clip_es import (
     ClipES,
     cam_boxes,
@@ -80,8 +81,6 @@ def test_default_crf_sees_the_image_released_sees_wrapped_bgr(fixture):
 
 
 def test_batched_backward_equals_one_backward_per_label(tiny_clip_cfg):
-    from weakclip.clip import load_clip
-
     model = load_clip(tiny_clip_cfg)
     torch.manual_seed(0)
     tokens = torch.randn(1, 1 + 6 * 5, model.visual.conv1.out_channels)
@@ -94,8 +93,6 @@ def test_batched_backward_equals_one_backward_per_label(tiny_clip_cfg):
 
 
 def test_vision_forward_matches_open_clip_own_forward(tiny_clip_cfg):
-    from weakclip.clip import load_clip
-
     model = load_clip(tiny_clip_cfg)
     visual = model.visual
     pixels = torch.randn(1, 3, 224, 224)
@@ -117,7 +114,7 @@ def test_vision_forward_matches_open_clip_own_forward(tiny_clip_cfg):
 
 
 def test_exact_text_features_match_open_clip(tiny_clip_cfg):
-    from weakclip.clip import load_clip
+
     from weakclip.clip_es import prompt_tokens
 
     model = load_clip(tiny_clip_cfg)
@@ -146,8 +143,6 @@ def test_preprocess_rounds_sides_up_to_the_patch():
 
 
 def test_bad_labels_and_unfit_class_names_are_one_line(tiny_clip_cfg):
-    from weakclip.clip import load_clip
-
     model = load_clip(tiny_clip_cfg)
     names = ["background", "cat", "dog"]
     method = ClipES(model, names, SeedsConfig(crf=False, background=["sky"]))
@@ -164,7 +159,7 @@ def test_bad_labels_and_unfit_class_names_are_one_line(tiny_clip_cfg):
 
 
 def test_low_precision_is_opt_in_and_close_to_fp32(tiny_clip_cfg):
-    from weakclip.clip import load_clip
+
 
     model = load_clip(tiny_clip_cfg)
     names = ["background", "cat", "dog"]
@@ -173,3 +168,10 @@ def test_low_precision_is_opt_in_and_close_to_fp32(tiny_clip_cfg):
     bf16 = ClipES(model, names, SeedsConfig(crf=False, precision="bf16")).cams(image, [1, 2]).astype(np.float32)
     assert fp32.max() > 0.99 and not np.array_equal(fp32, bf16)
     assert np.abs(fp32 - bf16).mean() < 0.1
+
+
+def test_a_resnet_clip_is_refused_in_one_line_with_the_way_out(tiny_resnet_clip_cfg):
+    with pytest.raises(WeakclipError, match=r"CLIP-ES seeds need a CLIP ViT image tower; got ModifiedResNet \(make "
+                                            r"the seeds with a ViT config") as err:
+        ClipES(load_clip(tiny_resnet_clip_cfg), ["background", "cat"], SeedsConfig())
+    assert "\n" not in str(err.value)

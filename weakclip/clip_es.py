@@ -129,7 +129,8 @@ def positional_embedding(visual: VisionTransformer, gh: int, gw: int, round_fp16
 def check_visual(visual: nn.Module) -> None:
     """CLIP-ES needs a plain ViT: standard residual attention blocks with nn.MultiheadAttention."""
     if not isinstance(visual, VisionTransformer):
-        raise WeakclipError(f"CLIP-ES seeds need a CLIP ViT image tower; got {type(visual).__name__}")
+        raise WeakclipError(f"CLIP-ES seeds need a CLIP ViT image tower; got {type(visual).__name__} (make the seeds "
+                            f"with a ViT config, e.g. weakclip seeds --config voc, and train on them via data.seeds_dir)")
     blocks = visual.transformer.resblocks
     if not all(isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, nn.MultiheadAttention)
                for b in blocks):

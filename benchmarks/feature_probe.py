@@ -2,7 +2,7 @@
 
     python benchmarks/feature_probe.py [--json] [--config voc-sample-cpu] [--clip TAG_OR_FILE] [--images 60]
 
-For each tapped block and for the dense projected embeddings, a logistic-regression probe maps every 1/16
+For each tap and for the dense projected embeddings, a logistic-regression probe maps every dense-grid
 token to foreground / background (from the ground truth, nearest-resized to the token grid). It is fitted on
 the first two thirds of ``--images`` images and scored on the rest; ``majority`` is the accuracy of always
 answering background on the held-out tokens, and ``rgb`` a probe on each token's mean colour, for

@@ -51,6 +51,7 @@ TINY_RESNET_ARCH = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 224, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64},
     "text_cfg": dict(TINY_ARCH["text_cfg"]),
+    "quick_gelu": True,  # as OpenAI's text towers
 }
 
 # The tiny CLIP for every registered backbone: a backbone registered without one fails the contract test.

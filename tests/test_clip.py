@@ -101,7 +101,12 @@ def _random_openai_archive(path, clip_model):
     torch.jit.script(clip_model).save(str(path))
 
 
-def test_openai_archive_and_state_dicts_load_identically(tmp_path, clip_model, tiny_clip_cfg):
+@pytest.mark.parametrize("which", ["tiny_clip_cfg", "tiny_resnet_clip_cfg"])
+def test_openai_archive_and_state_dicts_load_identically(tmp_path, request, which):
+    # OpenAI releases ViTs and modified ResNets (RN50, RN101, ...) as TorchScript archives.
+    tiny_clip_cfg = request.getfixturevalue(which)
+    torch.manual_seed(0)
+    clip_model = load_clip(tiny_clip_cfg)
     images = torch.randn(1, 3, 224, 224)
     tokens = open_clip.tokenize(NAMES)
     ref_img, ref_txt = clip_model.encode_image(images), clip_model.encode_text(tokens)

@@ -134,7 +134,7 @@ def weakclip_losses(
 
     Args:
         logits: (B, K, H/4, W/4) decoder output.
-        score_map: (B, K, H/16, W/16) text-pixel cosine scores.
+        score_map: (B, K, h, w) text-pixel cosine scores at the backbone's dense stride (H/16 for ViT-B/16).
         seeds: (B, H, W) long seed labels, 255 for ignore and padding.
         images: (B, 3, H, W) uint8 RGB crops, un-normalised (padding 0).
         cfg: loss weights, tau, loss resolution and boundary-CRF settings.

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from weakclip.backbones import BACKBONES, ClipResNet, ClipViT, build_backbone, list_backbones
-from weakclip.clip import load_clip
+from weakclip.clip import load_clip, resize_positions
 from weakclip.config import BackboneConfig
 from weakclip.errors import WeakclipError
 from weakclip.registry import Registry
@@ -84,11 +84,11 @@ def test_resnet_pads_other_sizes_to_multiples_of_32(resnet_clip):
     torch.testing.assert_close(feats.global_embedding, padded.global_embedding, rtol=0, atol=0)
 
 
-def test_resnet_positions_are_resized_for_other_grids(resnet_clip):
-    backbone = ClipResNet(resnet_clip.visual)
+def test_position_tables_are_resized_for_other_grids(resnet_clip):
+    # The ViT, the ResNet pool and CLIP-ES all resize their position tables with resize_positions.
     table = resnet_clip.visual.attnpool.positional_embedding
-    assert torch.equal(backbone._pos_embed(7, 7, table.dtype), table)
-    resized = backbone._pos_embed(9, 11, table.dtype)
+    assert torch.equal(resize_positions(table, (7, 7), (7, 7)), table)
+    resized = resize_positions(table, (7, 7), (9, 11))
     grid = table[1:].T.reshape(1, -1, 7, 7)
     expected = F.interpolate(grid, size=(9, 11), mode="bilinear", align_corners=False).flatten(2)[0].T
     torch.testing.assert_close(resized[1:], expected)

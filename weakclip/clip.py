@@ -15,6 +15,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.model import build_model_from_openai_state_dict
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
@@ -290,6 +291,16 @@ class PromptTextEncoder(nn.Module):
         if isinstance(self.text_projection, nn.Linear):
             return self.text_projection(x)
         return x @ self.text_projection
+
+
+def resize_positions(table: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """A position table (1 + gh * gw, C) for a ``grid`` of gh x gw, its first row a class or pooled token's ->
+    (1 + h * w, C) for ``size`` h x w: the grid rows resized bilinearly (align_corners false), the first kept."""
+    if tuple(size) == tuple(grid):
+        return table
+    body = table[1:].reshape(1, *grid, -1).permute(0, 3, 1, 2)
+    body = F.interpolate(body, size=tuple(size), mode="bilinear", align_corners=False)
+    return torch.cat([table[:1], body.flatten(2)[0].transpose(0, 1)])
 
 
 def input_stats(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

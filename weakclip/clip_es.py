@@ -28,12 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 from torch import Tensor, nn
 
-from .clip import CLIP_MEAN, CLIP_STD
+from .clip import CLIP_MEAN, CLIP_STD, resize_positions
 from .config import SeedsConfig
 from .crf import dense_crf_pydensecrf
 from .errors import WeakclipError
@@ -118,11 +117,8 @@ def preprocess(image: np.ndarray, patch: int) -> Tensor:
 
 def positional_embedding(visual: VisionTransformer, gh: int, gw: int, round_fp16: bool) -> Tensor:
     """(1 + gh*gw, C): class row + the checkpoint's grid bilinearly resized (align_corners false) to gh x gw."""
-    pos = visual.positional_embedding.float()
     grid = tuple(int(g) for g in visual.grid_size)
-    body = pos[1:].T.reshape(1, -1, *grid)
-    body = F.interpolate(body, size=(gh, gw), mode="bilinear", align_corners=False)
-    pos = torch.cat([pos[:1], body.reshape(pos.shape[1], -1).T])
+    pos = resize_positions(visual.positional_embedding.float(), grid, (gh, gw))
     return pos.half().float() if round_fp16 else pos
 
 

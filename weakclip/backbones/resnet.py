@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from torch import Tensor, nn
 
+from ..clip import resize_positions
 from ..config import BackboneConfig
 from ..errors import WeakclipError
 from .base import BACKBONES, VisualBackbone, VisualFeatures
@@ -54,21 +55,13 @@ class ClipResNet(VisualBackbone):
             raise WeakclipError("model.backbone.class_token_twice: a ResNet has no class token")
         return cls(visual)
 
-    def _pos_embed(self, h: int, w: int, dtype: torch.dtype) -> Tensor:
-        """The pool's positional table (1 + h * w, C): the mean token's row, then the grid resized to h x w."""
-        pos = self.visual.attnpool.positional_embedding.to(dtype)
-        if (h, w) == (self.grid, self.grid):
-            return pos
-        grid = pos[1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
-        return torch.cat([pos[:1], grid.flatten(2)[0].transpose(0, 1)], dim=0)
-
     def attention_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, C, h, w), the last stage -> dense (B, D, h, w) and global (B, D) embeddings."""
         pool = self.visual.attnpool
         b, c, h, w = x.shape
         tokens = x.flatten(2).permute(2, 0, 1)  # (hw, B, C)
-        tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens]) + self._pos_embed(h, w, x.dtype)[:, None]
+        positions = resize_positions(pool.positional_embedding.to(x.dtype), (self.grid, self.grid), (h, w))
+        tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens]) + positions[:, None]
         # Only the mean token's query is kept by open_clip's pool; the other queries' outputs are not needed.
         pooled, _ = F.multi_head_attention_forward(
             query=tokens[:1], key=tokens, value=tokens, embed_dim_to_check=c, num_heads=pool.num_heads,

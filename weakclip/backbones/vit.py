@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ..clip import require_batch_first
+from ..clip import require_batch_first, resize_positions
 from ..config import BackboneConfig
 from ..errors import WeakclipError
 from .base import BACKBONES, VisualBackbone, VisualFeatures
@@ -64,15 +64,6 @@ class ClipViT(VisualBackbone):
         # The released code adds the class embedding twice and truncates sizes that are not a multiple of p.
         return cls(visual, cfg.taps, cfg.class_token_twice or released, truncate=released)
 
-    def _pos_embed(self, gh: int, gw: int, dtype: torch.dtype) -> Tensor:
-        pos = self.visual.positional_embedding.to(dtype)
-        if (gh, gw) == self.grid:
-            return pos
-        cls, grid = pos[:1], pos[1:]
-        grid = grid.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
-        return torch.cat([cls, grid.flatten(2)[0].transpose(0, 1)], dim=0)
-
     @torch.no_grad()
     def forward(self, images: Tensor) -> VisualFeatures:
         """images: (B, 3, H, W) normalised -> taps 4 x (B, width, h, w) (before ``ln_post``), dense (B, D, h, w),
@@ -88,7 +79,8 @@ class ClipViT(VisualBackbone):
         cls = v.class_embedding.to(x.dtype)
         if self.class_token_twice:
             cls = 2 * cls
-        x = torch.cat([cls.expand(b, 1, c), x], dim=1) + self._pos_embed(gh, gw, x.dtype)
+        x = torch.cat([cls.expand(b, 1, c), x], dim=1) + resize_positions(
+            v.positional_embedding.to(x.dtype), self.grid, (gh, gw))
         x = v.ln_pre(x)
         taps: list[Tensor] = []
         for i, block in enumerate(v.transformer.resblocks, start=1):

@@ -173,6 +173,27 @@ def test_pseudo_masks_command_end_to_end(tmp_path, voc_sample):
     assert (tmp_path / "scores.json").is_file()
 
 
+def test_pseudo_masks_and_predict_run_the_refiner_at_infer_precision(tmp_path, voc_sample, monkeypatch):
+    import weakclip.infer
+
+    root = make_data_root(tmp_path / "data", voc_sample, sample_ids(voc_sample, 1))
+    config = write_tiny_config(tmp_path / "tiny.yaml", root, train={"iters": 1}, infer={"crf": False})
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 0
+    asked = []
+    real = weakclip.infer.refiner_predictor
+
+    def recording(model, device, precision="fp32"):
+        asked.append(precision)
+        return real(model, device, precision)
+
+    monkeypatch.setattr(weakclip.infer, "refiner_predictor", recording)
+    common = ["--config", str(config), "--checkpoint", str(tmp_path / "run" / "model.safetensors"),
+              "--set", "infer.precision=bf16"]
+    assert main(["pseudo-masks", *common, "--output", str(tmp_path / "pm")]) == 0
+    assert main(["predict", *common, "--split", "train", "--output", str(tmp_path / "pred")]) == 0
+    assert asked == ["bf16", "bf16"]
+
+
 def test_missing_checkpoint_is_one_line(tmp_path, voc_sample, capsys):
     root = make_data_root(tmp_path / "data", voc_sample, sample_ids(voc_sample, 2))
     config = write_tiny_config(tmp_path / "tiny.yaml", root)

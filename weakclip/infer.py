@@ -592,6 +592,15 @@ def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
     return model
 
 
+def refiner_from_checkpoint(cfg: Config, checkpoint: str | Path, device: torch.device
+                            ) -> tuple[Predictor, torch.nn.Module]:
+    """The refiner of ``checkpoint`` (see :func:`load_refiner`) as a Predictor at ``infer.precision``, and the
+    model; ``cfg.infer.view_resize`` "auto" is resolved for it in place."""
+    model = load_refiner(cfg, checkpoint)
+    cfg.infer = refiner_infer_config(cfg.infer, model)
+    return refiner_predictor(model, device, cfg.infer.precision), model
+
+
 def clip_weights_identity(clip: ClipConfig) -> str:
     """Which CLIP weights a model runs with: a local file's sha256, an open_clip tag, the fixed random init, or
     the refiner checkpoint itself (released checkpoints carry their CLIP: the checkpoint's sha256 names it)."""
@@ -646,11 +655,11 @@ def pseudo_masks(cfg: Config, checkpoint: str | Path, output: str | Path, split:
     split = split or cfg.data.split
     use_labels = cfg.infer.label_filter
     samples = run_once(lambda: list_samples(cfg.data, split, need_seeds=False, need_labels=use_labels), info)
-    model = load_refiner(cfg, checkpoint)  # a released .pth replaces cfg's model section in place
-    cfg.infer = refiner_infer_config(cfg.infer, model)
+    # A released .pth replaces cfg's model section in place.
+    predict, model = refiner_from_checkpoint(cfg, checkpoint, info.device)
     fingerprint = run_once(lambda: inference_fingerprint(cfg, checkpoint, model, samples, use_labels), info)
     summary = write_label_maps(
-        refiner_predictor(model, info.device), samples, output, cfg.infer, info, fingerprint, use_labels=cfg.infer.label_filter,
+        predict, samples, output, cfg.infer, info, fingerprint, use_labels=use_labels,
         crf_params=cfg.infer.crf_params if cfg.infer.crf else None, save_probs=save_probs,
         ignore_index=cfg.data.ignore_index, desc="pseudo-masks", shard=shard)
     return summary if info.is_main else None

@@ -36,9 +36,7 @@ from .infer import (
     INFERENCE_TIMEOUT,
     Predictor,
     inference_fingerprint,
-    load_refiner,
-    refiner_infer_config,
-    refiner_predictor,
+    refiner_from_checkpoint,
     write_label_maps,
 )
 from .released import is_torch_archive
@@ -199,9 +197,7 @@ def load_predictor(cfg: Config, checkpoint: str | Path, device: torch.device) ->
         model = load_segmenter(cfg, checkpoint, header)
         return segmenter_predictor(model, device, cfg.infer.precision), model
     if kind == REFINER_FORMAT:
-        model = load_refiner(cfg, checkpoint)
-        cfg.infer = refiner_infer_config(cfg.infer, model)
-        return refiner_predictor(model, device, cfg.infer.precision), model
+        return refiner_from_checkpoint(cfg, checkpoint, device)
     raise WeakclipError(f"{checkpoint}: not written by `weakclip retrain` or `weakclip train` "
                         f"(header format {kind!r}, expected '{SEGMENTER_FORMAT}' or '{REFINER_FORMAT}')")
 

@@ -122,19 +122,22 @@ def sliding_logits(predict: Predictor, views: Sequence[Tensor], crop: int, strid
         yield from run(batch)
 
 
+def _view_probs(predict: Predictor, views: Sequence[Tensor], flipped: Sequence[bool], size: tuple[int, int],
+                crop: int, stride: int, batch_size: int) -> Iterator[tuple[int, Tensor]]:
+    """(view index, probabilities (K, H, W) at ``size``) as each view's windows finish: sliding-window
+    logits, bilinearly resized to ``size``, softmax, flipped back where ``flipped``."""
+    for v, logits in sliding_logits(predict, views, crop, stride, batch_size):
+        probs = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].softmax(0)
+        yield v, probs.flip(-1) if flipped[v] else probs
+
+
 @torch.no_grad()
 def view_probs(predict: Predictor, views: Sequence[Tensor], flipped: Sequence[bool], size: tuple[int, int],
                crop: int, stride: int, batch_size: int = 1) -> Tensor:
-    """Views (3, h_i, w_i) of one image -> their probabilities (N, K, H, W) at the image's ``size``.
-
-    Per view: sliding-window logits, bilinearly resized to ``size``, softmax, flipped back where ``flipped``
-    (what :func:`multiscale_probs` averages, kept per view).
-    """
-    out: list[Tensor | None] = [None] * len(views)
-    for v, logits in sliding_logits(predict, views, crop, stride, batch_size):
-        probs = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].softmax(0)
-        out[v] = probs.flip(-1) if flipped[v] else probs
-    return torch.stack(out)
+    """Views (3, h_i, w_i) of one image -> their probabilities (N, K, H, W) at the image's ``size``, kept per
+    view (what :func:`multiscale_probs` averages)."""
+    out = dict(_view_probs(predict, views, flipped, size, crop, stride, batch_size))
+    return torch.stack([out[v] for v in range(len(views))])
 
 
 def resize_view(image: np.ndarray, size: tuple[int, int], method: str, device: torch.device) -> Tensor:
@@ -178,10 +181,8 @@ def multiscale_probs(predict: Predictor, image: np.ndarray, icfg: InferConfig, d
         views += [x, x.flip(-1)] if flip else [x]
         flipped += [False, True] if flip else [False]
     total = None
-    for v, logits in sliding_logits(predict, views, icfg.crop_size, icfg.stride, batch_size or icfg.batch_size):
-        probs = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0].softmax(0)
-        if flipped[v]:
-            probs = probs.flip(-1)
+    for _, probs in _view_probs(predict, views, flipped, (h, w), icfg.crop_size, icfg.stride,
+                                batch_size or icfg.batch_size):
         total = probs if total is None else total + probs
     return total / len(views)
 

@@ -1,8 +1,10 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename."""
+"""Atomic file writes (write to a temporary file beside the target, then rename) and output folders that are
+never stale (a manifest of what made them, checked under a folder lock)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -35,23 +37,40 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def reset_if_stale(out_dir: str | os.PathLike, manifest: dict, outputs: tuple[str, ...]) -> None:
-    """Keep ``out_dir``'s outputs only if its ``manifest.json`` equals ``manifest``.
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (its ``.lock`` file), so that jobs starting together (the shards of a
+    job array) check and reset it one after the other."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def reset_if_stale(out_dir: str | os.PathLike, manifest: dict, outputs: tuple[str, ...]) -> bool:
+    """Keep ``out_dir``'s outputs only if its ``manifest.json`` equals ``manifest``; returns whether it reset.
 
     Otherwise delete the entries matching the glob patterns ``outputs`` (files or folders) and write the
-    new manifest, so a folder never mixes outputs of different inputs or settings.
+    new manifest, so a folder never mixes outputs of different inputs or settings. Runs under
+    :func:`folder_lock`.
     """
     out_dir = Path(out_dir)
     path = out_dir / "manifest.json"
-    try:
-        if json.loads(path.read_text()) == json.loads(json.dumps(manifest)):
-            return
-    except (OSError, json.JSONDecodeError):
-        pass
-    for pattern in outputs:
-        for stale in out_dir.glob(pattern):
-            if stale.is_dir():  # another shard starting at the same moment may remove it first
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-    write_text_atomic(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    with folder_lock(out_dir):
+        try:
+            if json.loads(path.read_text()) == json.loads(json.dumps(manifest)):
+                return False
+        except (OSError, json.JSONDecodeError):
+            pass
+        for pattern in outputs:
+            for stale in out_dir.glob(pattern):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+        write_text_atomic(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return True

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
 import multiprocessing as mp
-import shutil
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -48,14 +46,13 @@ from .distributed import (
     run_once,
 )
 from .errors import WeakclipError
-from .fileio import atomic_path, write_text_atomic
+from .fileio import atomic_path, reset_if_stale, write_text_atomic
 
 # images (B, 3, h, w) uint8 RGB -> logits (B, K, h', w') at any resolution (resized to the window here).
 Predictor = Callable[[Tensor], Tensor]
 
 # Collectives of an inference launch wait for the slowest rank's last images: far longer than training's.
 INFERENCE_TIMEOUT = timedelta(hours=12)
-MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 # A temporary file this old cannot belong to a live writer (one PNG or .npz takes well under a second).
 _ORPHAN_TMP_S = 600
@@ -284,26 +281,6 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _folder_lock(out_dir: Path) -> Iterator[None]:
-    """An exclusive lock on the output folder, so that independent jobs starting together check and
-    reset it one after the other."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _read_manifest(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _remove_orphans(out_dir: Path, older_than: float) -> None:
     """Temporary files (``.<name>.*.tmp.*``) left by killed writers, last written before ``older_than``."""
     for sub in (out_dir, out_dir / "probs"):
@@ -318,29 +295,14 @@ def _is_done(out_dir: Path, sample_id: str, save_probs: bool) -> bool:
         not save_probs or (out_dir / "probs" / f"{sample_id}.npz").is_file())
 
 
-def _reset(folder: Path, manifest: dict, stale: Iterable[Path]) -> None:
-    """Remove ``stale`` when ``folder``'s manifest is not ``manifest``, then record ``manifest``."""
-    if _read_manifest(folder) == manifest:
-        return
-    for path in stale:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
-
 def _prepare_folder(out_dir: Path, manifest: dict, samples: Sequence[Sample], probs_size: int | None
                     ) -> list[int]:
     """Reset the folder when its manifest differs (``probs/`` alone when only ``probs_size`` does), check
     that the images to do exist; returns their indices in ``samples``."""
-    with _folder_lock(out_dir):
-        _reset(out_dir, manifest, (*out_dir.glob("*.png"), out_dir / "probs", out_dir / SUMMARY))
-        if probs_size is not None:
-            probs = out_dir / "probs"
-            probs.mkdir(exist_ok=True)
-            _reset(probs, {"save_probs_size": probs_size}, (*probs.glob("*.npz"), out_dir / SUMMARY))
-        _remove_orphans(out_dir, time.time() - _ORPHAN_TMP_S)
+    reset_if_stale(out_dir, manifest, ("*.png", "probs", SUMMARY))
+    if probs_size is not None and reset_if_stale(out_dir / "probs", {"save_probs_size": probs_size}, ("*.npz",)):
+        (out_dir / SUMMARY).unlink(missing_ok=True)
+    _remove_orphans(out_dir, time.time() - _ORPHAN_TMP_S)
     save_probs = probs_size is not None
     with ThreadPoolExecutor(8) as pool:  # stat calls on a network file system wait on the server
         done = list(pool.map(lambda s: _is_done(out_dir, s.id, save_probs), samples))

@@ -122,3 +122,21 @@ def test_shards_fill_one_folder(seeds_setup, tmp_path, capsys):
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(ids)
     assert _seeds(config, out, *fast) == 0
     assert "0 written, 3 already done" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_seeds_manifest_names_the_clip_weights_by_their_content(tmp_path):
+    from weakclip.seeds import seeds_manifest
+
+    first, second = tmp_path / "a" / "clip.pt", tmp_path / "b" / "clip.pt"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"the same weights")
+
+    def manifest(path):
+        cfg = load_config("voc-sample-cpu", [f"model.clip.pretrained={path}"])
+        return seeds_manifest(cfg, "train", [], save_cams=False)
+
+    assert manifest(first) == manifest(second)  # moved weights: seeds stay valid
+    second.write_bytes(b"other weights")
+    assert manifest(first) != manifest(second)
+    assert manifest(first) != seeds_manifest(load_config("voc-sample-cpu"), "train", [], save_cams=False)

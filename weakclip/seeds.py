@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from .clip import load_clip
 from .clip_es import ClipES, crf_seed, seed_without_crf
 from .config import Config
-from .data.datasets import Sample, list_samples, load_image
+from .data.datasets import Sample, labels_source, list_samples, load_image
 from .data.masks import write_mask
 from .distributed import DistInfo, Shard, all_reduce_sum, init_distributed, launch_share, run_once
 from .errors import WeakclipError
@@ -33,10 +32,9 @@ from .fileio import atomic_path, reset_if_stale
 SOURCES = ("files", "clip-es")  # data.seeds_from
 
 
-def _labels_source(cfg: Config) -> str:
-    if cfg.data.kind == "folder":
-        return str(Path(cfg.data.root) / "labels.json|labels.csv")
-    return str(Path(cfg.data.root) / cfg.data.labels_file) if cfg.data.labels_file else "data.labels_file"
+def _labels_where(cfg: Config) -> str:
+    """The labels file (or seed folder) the image-level labels come from, for error lines."""
+    return labels_source(cfg.data).partition(" ")[2] or "data.labels_file"
 
 
 def seed_samples(cfg: Config, split: str | None = None) -> list[Sample]:
@@ -44,25 +42,21 @@ def seed_samples(cfg: Config, split: str | None = None) -> list[Sample]:
     samples = list_samples(cfg.data, split, need_seeds=False)
     for s in samples:
         if not s.labels:
-            raise WeakclipError(f"{_labels_source(cfg)}: {s.id}: no image-level label (seeds need at least one "
+            raise WeakclipError(f"{_labels_where(cfg)}: {s.id}: no image-level label (seeds need at least one "
                                 f"class per image; set data.labels_file to the image-level labels)")
     return samples
 
 
-def _clip_identity(cfg: Config) -> dict:
-    from .infer import file_sha256
-
-    clip = dataclasses.asdict(cfg.model.clip)
-    if clip["pretrained"] is not None and os.path.isfile(clip["pretrained"]):
-        clip["pretrained_sha256"] = file_sha256(clip["pretrained"])
-    return clip
-
-
 def seeds_manifest(cfg: Config, split: str, samples: Sequence[Sample], save_cams: bool) -> dict:
     """Everything that changes a seed: CLIP and its weights, classes, labels, data and the seeds settings."""
+    from .infer import clip_weights_identity
+
     settings = {k: v for k, v in dataclasses.asdict(cfg.seeds).items() if k != "crf_workers"}
     labels = json.dumps([[s.id, list(s.labels)] for s in samples])
-    return {"format": 1, "kind": "seeds", "clip": _clip_identity(cfg), "seeds": settings, "split": split,
+    clip = dataclasses.asdict(cfg.model.clip)
+    del clip["pretrained"]  # stands for the weights' identity, not the path
+    clip["weights"] = clip_weights_identity(cfg.model.clip)
+    return {"format": 2, "kind": "seeds", "clip": clip, "seeds": settings, "split": split,
             "classes": cfg.data.class_names, "data_root": str(Path(cfg.data.root).resolve()),
             "labels_sha256": hashlib.sha256(labels.encode()).hexdigest(), "save_cams": save_cams}
 
@@ -115,7 +109,7 @@ def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_
         bar = tqdm(total=len(mine), desc=desc, disable=not (progress and info.is_main), dynamic_ncols=True)
         try:
             for s in mine:
-                labels = method.check_labels(s.labels, f"{_labels_source(cfg)}: {s.id}")
+                labels = method.check_labels(s.labels, f"{_labels_where(cfg)}: {s.id}")
                 cams = method.cams(load_image(s.image), labels)
                 if keep_cams:
                     save_cams(out / "cams" / f"{s.id}.npz", cams, labels)

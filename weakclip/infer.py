@@ -20,7 +20,7 @@ import multiprocessing as mp
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -270,6 +270,47 @@ class CRFPool:
             self.pool.join()
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (Slurm's time limit, torchrun stopping a launch) stops like Ctrl-C: files in flight finish."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def finish_jobs(jobs: Iterable[tuple], total: int, workers: int, finish: Callable[[tuple], str], info: DistInfo,
+                desc: str, progress: bool = True) -> None:
+    """``finish`` every job of ``jobs`` in a :class:`CRFPool` of ``workers`` processes while the generator
+    makes the next ones (the network's part), with a progress bar of ``total`` on the main process. Ctrl-C
+    or SIGTERM (a scheduler's time limit) gives the jobs in flight up to 60 s before stopping: their CRF
+    takes a moment, redoing their network part takes longer."""
+    pool = CRFPool(workers if total else 0, finish=finish)
+    bar = tqdm(total=total, desc=desc if info.world_size == 1 else f"{desc} (rank 0 of {info.world_size})",
+               disable=not (progress and info.is_main), dynamic_ncols=True)
+    try:
+        with _sigterm_as_interrupt():
+            for job in jobs:
+                bar.update(len(pool.submit(job)))
+            for _ in pool.drain():
+                bar.update(1)
+    except KeyboardInterrupt:
+        pool.close(wait_s=60)
+        raise
+    finally:
+        bar.close()
+        pool.close()
+
+
 # ------------------------------------------------------------------------------------ output folder
 
 
@@ -329,24 +370,6 @@ def _prefetch(load: Callable[[Sample], np.ndarray], samples: Sequence[Sample], a
             yield first, future.result()
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (Slurm's time limit, torchrun stopping a launch) stops like Ctrl-C: files in flight finish."""
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def write_label_maps(
     predict: Predictor,
     samples: Sequence[Sample],
@@ -388,29 +411,19 @@ def write_label_maps(
     todo = run_once(lambda: _prepare_folder(out_dir, manifest, share, probs_size), info)
     mine = [share[i] for i in launch_share(info).take(todo)]
     workers = crf_worker_count(icfg) if crf_params is not None else 0
-    pool = CRFPool(workers if mine else 0)
-    bar = tqdm(total=len(mine), desc=desc if info.world_size == 1 else f"{desc} (rank 0 of {info.world_size})",
-               disable=not (progress and info.is_main), dynamic_ncols=True)
-    try:
-        with _sigterm_as_interrupt():
-            for sample, image in _prefetch(lambda s: load_image(s.image), mine):
-                probs = multiscale_probs(predict, image, icfg, info.device)
-                keys, unknown = label_filter(probs, sample.labels if use_labels else None)
-                kept = probs[keys]
-                kept = kept / kept.sum(0, keepdim=True).clamp_min(1e-12)
-                if save_probs:
-                    _save_probs(out_dir / "probs" / f"{sample.id}.npz", kept, keys, unknown, icfg.save_probs_size)
-                job = (sample.id, kept.cpu().numpy().astype(np.float32), keys, image, unknown.cpu().numpy(),
-                       out_dir / f"{sample.id}.png", crf_params, ignore_index)
-                bar.update(len(pool.submit(job)))
-            for _ in pool.drain():
-                bar.update(1)
-    except KeyboardInterrupt:
-        pool.close(wait_s=60)  # keep what was inferred: its CRF takes a moment, redoing it takes longer
-        raise
-    finally:
-        bar.close()
-        pool.close()
+
+    def jobs() -> Iterator[tuple]:
+        for sample, image in _prefetch(lambda s: load_image(s.image), mine):
+            probs = multiscale_probs(predict, image, icfg, info.device)
+            keys, unknown = label_filter(probs, sample.labels if use_labels else None)
+            kept = probs[keys]
+            kept = kept / kept.sum(0, keepdim=True).clamp_min(1e-12)
+            if save_probs:
+                _save_probs(out_dir / "probs" / f"{sample.id}.npz", kept, keys, unknown, icfg.save_probs_size)
+            yield (sample.id, kept.cpu().numpy().astype(np.float32), keys, image, unknown.cpu().numpy(),
+                   out_dir / f"{sample.id}.png", crf_params, ignore_index)
+
+    finish_jobs(jobs(), len(mine), workers, _finish, info, desc, progress)
     counts = all_reduce_sum(torch.tensor([len(mine)], device=info.device), info)  # also waits for every rank
     result = {"output": str(out_dir), "written": int(counts[0]), "skipped": len(share) - len(todo)}
     if info.is_main:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .clip import load_clip
 from .clip_es import ClipES, crf_seed, seed_without_crf
@@ -87,7 +86,7 @@ def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_
     the manifest run on rank 0 only. Returns {"output", "written" (by this launch), "skipped", "missing"
     (images of the list not done yet, e.g. left to other shards)} on the main process, None elsewhere.
     """
-    from .infer import INFERENCE_TIMEOUT, CRFPool
+    from .infer import INFERENCE_TIMEOUT, finish_jobs
 
     info = info or init_distributed(INFERENCE_TIMEOUT)
     shard = shard or Shard()
@@ -104,25 +103,17 @@ def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_
     mine = launch_share(info).take(todo)
     if mine:
         method = ClipES(load_clip(cfg.model.clip), cfg.data.class_names, cfg.seeds, info.device)
-        pool = CRFPool(cfg.seeds.crf_workers if cfg.seeds.crf else 0, finish=_finish)
-        desc = "seeds" if info.world_size == 1 else f"seeds (rank 0 of {info.world_size})"
-        bar = tqdm(total=len(mine), desc=desc, disable=not (progress and info.is_main), dynamic_ncols=True)
-        try:
+
+        def jobs() -> Iterator[tuple]:
             for s in mine:
                 labels = method.check_labels(s.labels, f"{_labels_where(cfg)}: {s.id}")
                 cams = method.cams(load_image(s.image), labels)
                 if keep_cams:
                     save_cams(out / "cams" / f"{s.id}.npz", cams, labels)
-                job = (s.id, cams, s.image, labels, cfg.seeds, cfg.data.ignore_index, out / f"{s.id}.png")
-                bar.update(len(pool.submit(job)))
-            for _ in pool.drain():
-                bar.update(1)
-        except KeyboardInterrupt:
-            pool.close(wait_s=60)  # finish the CRFs of what CLIP already did
-            raise
-        finally:
-            bar.close()
-            pool.close()
+                yield s.id, cams, s.image, labels, cfg.seeds, cfg.data.ignore_index, out / f"{s.id}.png"
+
+        finish_jobs(jobs(), len(mine), cfg.seeds.crf_workers if cfg.seeds.crf else 0, _finish, info, "seeds",
+                    progress)
     written = all_reduce_sum(torch.tensor([len(mine)], device=info.device), info)  # also waits for every rank
     if not info.is_main:
         return None

@@ -2,8 +2,11 @@
 
     python benchmarks/parity.py --fixture ../shared/reference/parity/weakclip-tiny --json
 
-Prints one JSON object whose last line is ``{"pass": ..., "worst": {...}, "failed": [...]}``; exits 1 when
-a comparison fails.
+Prints one JSON object ``{"pass", "recorded", "compared", "allowed", "worst", "failed"}``: ``recorded`` and
+``compared`` count the fixture's tensors and those compared (a pass needs them equal), ``allowed`` names the
+label maps whose differing pixels all lie within their decision margin (with their counts), and ``worst``
+gives each tensor's worst difference beside its bound (``used`` = worst difference / allowance). Exits 1
+when a comparison fails.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ def main() -> None:
         print(json.dumps(report))
     else:
         for name, w in report["worst"].items():
-            print(f"{name:40s} max_abs {w['max_abs']:.3g}  max_rel {w['max_rel']:.3g}")
+            differ = f"  differ {w['differ']:g}" if "differ" in w else ""
+            print(f"{name:40s} max_abs {w['max_abs']:.3g}  bound {w['bound']:.3g}  used {w['used']:.3g}{differ}")
+        print(f"compared {report['compared']} of {report['recorded']} recorded tensors; "
+              f"label pixels within their margin: {report['allowed'] or 'none'}")
         print("PASS" if report["pass"] else "FAIL: " + "; ".join(report["failed"]))
     sys.exit(0 if report["pass"] else 1)
 

@@ -105,21 +105,32 @@ def class_prompts(class_names: Sequence[str], cfg: SeedsConfig) -> tuple[list[st
 # ------------------------------------------------------------------------------------------------ image
 
 
-def preprocess(image: np.ndarray, patch: int) -> Tensor:
-    """(H, W, 3) uint8 RGB -> (1, 3, ceil(H/p)*p, ceil(W/p)*p) CLIP-normalised float32 (PIL bicubic)."""
+def preprocess(image: np.ndarray, patch: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, ceil(H/p)*p, ceil(W/p)*p) CLIP-normalised ``dtype`` (PIL bicubic)."""
     h, w = image.shape[:2]
     gh, gw = -(-h // patch), -(-w // patch)
     resized = np.asarray(Image.fromarray(image).resize((gw * patch, gh * patch), Image.BICUBIC))
-    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div(255)
-    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).to(dtype).div(255)
+    mean, std = torch.tensor(CLIP_MEAN, dtype=dtype), torch.tensor(CLIP_STD, dtype=dtype)
     return ((x - mean[:, None, None]) / std[:, None, None])[None]
 
 
 def positional_embedding(visual: VisionTransformer, gh: int, gw: int, round_fp16: bool) -> Tensor:
     """(1 + gh*gw, C): class row + the checkpoint's grid bilinearly resized (align_corners false) to gh x gw."""
     grid = tuple(int(g) for g in visual.grid_size)
-    pos = resize_positions(visual.positional_embedding.float(), grid, (gh, gw))
-    return pos.half().float() if round_fp16 else pos
+    work = _work_dtype(visual.positional_embedding.dtype)
+    pos = resize_positions(visual.positional_embedding.to(work), grid, (gh, gw))
+    return pos.half().to(work) if round_fp16 else pos
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the half types, the dtype itself otherwise: maps are summed and normalised in at least
+    float32, and a float64 run (the parity check's rounding measure) stays float64 throughout."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _numpy(x: Tensor) -> np.ndarray:
+    return x.to(_work_dtype(x.dtype)).cpu().numpy()
 
 
 def check_visual(visual: nn.Module) -> None:
@@ -215,16 +226,16 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 
 def gradcam(activation: np.ndarray, grads: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Grad-CAM maps (K, h, w) float32 from activation (n, C) and grads (K, n, C), min-max normalised twice.
+    """Grad-CAM maps (K, h, w) from activation (n, C) and grads (K, n, C), min-max normalised twice.
 
-    Computed in float32 numpy in the released order (spatial mean of the gradient, weighted channel sum,
+    Computed in float32 numpy (float64 for float64 inputs) in the released order (spatial mean of the gradient, weighted channel sum,
     ReLU): the same sums in another order move a float16 CAM by one unit in the last place.
     """
     act = activation.T.reshape(1, -1, h, w)  # (1, C, h, w)
     g = grads.transpose(0, 2, 1).reshape(grads.shape[0], -1, h, w)  # (K, C, h, w)
     weights = np.mean(g, axis=(2, 3))
     cam = np.maximum((weights[:, :, None, None] * act).sum(axis=1), 0)
-    return _minmax(_minmax(cam)).astype(np.float32)
+    return _minmax(_minmax(cam)).astype(np.promote_types(activation.dtype, np.float32))
 
 
 # -------------------------------------------------------------------------------------------------- CAA
@@ -233,7 +244,8 @@ def gradcam(activation: np.ndarray, grads: np.ndarray, h: int, w: int) -> np.nda
 def transition_matrix(attns: Sequence[Tensor], sinkhorn_iters: int) -> tuple[Tensor, Tensor]:
     """Affinity (n, n) = mean of the attention maps without the class row/column, and the transition
     matrix: ``sinkhorn_iters`` x (column then row normalisation), symmetrised, squared."""
-    aff = torch.stack([a[1:, 1:] for a in attns]).mean(dim=0).float()
+    aff = torch.stack([a[1:, 1:] for a in attns]).mean(dim=0)
+    aff = aff.to(_work_dtype(aff.dtype))
     t = aff
     for _ in range(sinkhorn_iters):
         t = t / t.sum(dim=0, keepdim=True)
@@ -266,18 +278,19 @@ def cam_boxes(cam: np.ndarray, threshold: float, released: bool) -> list[tuple[i
     return boxes
 
 
-def box_mask(boxes: Sequence[tuple[int, int, int, int]], h: int, w: int) -> Tensor:
-    """(h*w,) float32: 1 on grid cells inside any box."""
-    mask = torch.zeros(h, w)
+def box_mask(boxes: Sequence[tuple[int, int, int, int]], h: int, w: int, dtype: torch.dtype = torch.float32
+             ) -> Tensor:
+    """(h*w,) ``dtype``: 1 on grid cells inside any box."""
+    mask = torch.zeros(h, w, dtype=dtype)
     for x0, y0, x1, y1 in boxes:
         mask[y0:y1, x0:x1] = 1
     return mask.reshape(-1)
 
 
 def resize(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(K, h, w) float32 -> (K, height, width) with OpenCV's bilinear resize (as released)."""
+    """(K, h, w) float32 (or float64) -> (K, height, width) with OpenCV's bilinear resize (as released)."""
     cv2 = _cv2()
-    return np.stack([cv2.resize(m, (width, height)) for m in maps]).astype(np.float32)
+    return np.stack([cv2.resize(m, (width, height)) for m in maps]).astype(maps.dtype)
 
 
 # -------------------------------------------------------------------------------------------- the method
@@ -342,7 +355,8 @@ class ClipES:
         h0, w0 = image.shape[:2]
         labels = self.check_labels(labels, "labels")
         k = len(labels)
-        pixels = preprocess(image, self.patch).to(self.device)
+        work = _work_dtype(self.model.visual.conv1.weight.dtype)
+        pixels = preprocess(image, self.patch, work).to(self.device)
         gh, gw = pixels.shape[2] // self.patch, pixels.shape[3] // self.patch
         idx = torch.tensor([c - 1 for c in labels] + list(range(self.num_fg, self.text.shape[0])),
                            device=self.device)
@@ -350,11 +364,11 @@ class ClipES:
             tokens, attns = encode_until_last(self.model.visual, pixels, self.attn_from, cfg.released,
                                               exact=cfg.released)
             last = last_block_gradcam(self.model, tokens, self.text[idx], k, batched=self.batched_backward)
-        raw = gradcam(last.activation.float().cpu().numpy(), last.grads.float().cpu().numpy(), gh, gw)
+        raw = gradcam(_numpy(last.activation), _numpy(last.grads), gh, gw)
         aff, trans = transition_matrix([*attns, last.attention], cfg.sinkhorn_iters)
         trans = trans.cpu()
         boxes = [cam_boxes(c, cfg.box_threshold, cfg.released) for c in raw]
-        masks = torch.stack([box_mask(b, gh, gw) for b in boxes])
+        masks = torch.stack([box_mask(b, gh, gw, trans.dtype) for b in boxes])
         refined = torch.stack([(trans * masks[i]) @ torch.from_numpy(raw[i]).reshape(-1, 1)
                                for i in range(k)]).reshape(k, gh, gw).numpy()
         highres = resize(_minmax(refined), h0, w0)

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from weakclip.config import CRFConfig, LossConfig
 from weakclip.errors import WeakclipError
 from weakclip.losses import (
+    aux_accuracy,
     aux_ce_loss,
     boundary_loss,
     downsample_images,
     resize_seeds,
+    seed_cues,
     seeding_loss,
     weakclip_losses,
 )
@@ -158,7 +160,7 @@ def test_weakclip_losses_finite_with_gradients(backend, dtype):
     logits, score, seeds, images = _random_batch(dtype=dtype)
     cfg = LossConfig(size=16, crf_backend=backend, seed_weight=0.5, boundary_weight=2.0, aux_weight=0.4)
     out = weakclip_losses(logits, score, seeds, images, cfg)
-    assert set(out) == {"seed", "boundary", "aux", "total"}
+    assert set(out) == {"seed", "boundary", "aux", "total", "aux_accuracy"}
     for value in out.values():
         assert value.dtype == torch.float32 and value.dim() == 0 and torch.isfinite(value)
     expected_total = 0.5 * out["seed"] + 2.0 * out["boundary"] + 0.4 * out["aux"]
@@ -195,3 +197,18 @@ def test_weakclip_losses_default_config():
     assert all(torch.isfinite(v) for v in out.values())
     out["total"].backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_aux_accuracy_counts_ignored_pixels_as_misses_as_released():
+    # Class 2 scores highest everywhere: the accuracy is the share of all seed pixels that are 2, in percent.
+    score = torch.tensor([0.1, 0.0, 0.3])[None, :, None, None].expand(1, 3, 2, 2)
+    seeds = torch.tensor([[[2, 2, 0, 255], [1, 2, 255, 255]]])  # (1, 2, 4): 3 of 8 pixels are 2
+    assert aux_accuracy(score, seeds, tau=0.07).item() == pytest.approx(37.5)
+    assert not aux_accuracy(score.requires_grad_(), seeds, 0.07).requires_grad
+
+
+def test_seed_cues_one_hot_without_ignored_or_out_of_range_seeds():
+    seeds = torch.tensor([[[0, 2, 255, 7]]])
+    cues = seed_cues(seeds, 3)
+    assert cues.shape == (1, 3, 1, 4) and cues.dtype == torch.bool
+    assert cues[0, :, 0].int().tolist() == [[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]]

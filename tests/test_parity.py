@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from weakclip.coattention import CoAttention
 from weakclip.config import Config
+from weakclip.errors import WeakclipError
 from weakclip.parity import check_fixture, fixture_kind
 from weakclip.parity.weakclip import build_released_model
 from weakclip.released import DEAD_LAYER_REASON, convert_state_dict, released_config
@@ -35,24 +36,62 @@ def _reference(path: Path) -> Path:
     return path
 
 
-def _weakclip_fixtures() -> list[str]:
+def _fixtures() -> list[str]:
     if not PARITY.is_dir():
-        return ["weakclip-tiny", "weakclip-tiny-odd"]  # reported as missing by _reference
-    return sorted(p.name for p in PARITY.iterdir()
-                  if (p / "config.json").is_file()
-                  and fixture_kind(json.loads((p / "config.json").read_text())) == "weakclip")
+        return ["weakclip-tiny", "weakclip-tiny-odd", "clip-es-tiny", "weakclip-rn-tiny"]  # reported missing
+    return sorted(p.name for p in PARITY.iterdir() if (p / "config.json").is_file())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _weakclip_fixtures())
+@pytest.mark.parametrize("name", _fixtures())
 def test_fixture_passes_every_comparison(name):
+    """Every fixture folder, whatever its kind, passes with every recorded tensor compared."""
     fixture = _reference(PARITY / name)
     report = check_fixture(fixture)
     assert not report.failed, report.failed
     recorded = set(load_file(str(fixture / "outputs.safetensors")))
-    assert recorded <= set(report.worst), f"recorded but not compared: {sorted(recorded - set(report.worst))}"
-    # The uint8 image through our own view resizing (OpenCV bilinear in released mode) is checked too.
-    assert "own_views.cv2.aug_probs" in report.worst and "own_views.cv2.aug_pred" in report.worst
+    assert set(report.recorded) == recorded and recorded <= set(report.worst)
+    out = report.to_json()
+    assert out["pass"] and out["recorded"] == out["compared"] == len(recorded)
+    if fixture_kind(json.loads((fixture / "config.json").read_text())) == "weakclip":
+        # The uint8 image through our own view resizing (OpenCV bilinear in released mode) is checked too.
+        assert "own_views.cv2.aug_probs" in report.worst and "own_views.cv2.aug_pred" in report.worst
+
+
+def test_fixture_kind_is_read_before_the_repository():
+    assert fixture_kind({"kind": "resnet-backbone", "source": {"repo": "hustvl/WeakCLIP"}}) == "resnet-backbone"
+    assert fixture_kind({"source": {"repo": "hustvl/WeakCLIP", "kind": "resnet-backbone"}}) == "resnet-backbone"
+    assert fixture_kind({"official": {"repo": "hustvl/WeakCLIP"}}) == "weakclip"
+    assert fixture_kind({"source": {"repo": "linyq2117/CLIP-ES"}}) == "clip-es"
+    with pytest.raises(WeakclipError, match="unknown parity fixture"):
+        fixture_kind({"source": {"repo": "someone/else"}})
+
+
+def test_an_uncompared_recorded_tensor_fails(monkeypatch, tmp_path):
+    from weakclip import parity
+
+    fixture = _reference(PARITY / "weakclip-tiny")
+    monkeypatch.setitem(parity._CHECKERS, "weakclip", lambda f, c, report: report.close("score_map", 1.0, 1.0))
+    report = check_fixture(fixture)
+    assert report.failed and report.failed[-1].startswith("recorded but not compared: ")
+    assert not report.to_json()["pass"] and report.to_json()["compared"] == 1
+
+
+def test_bounds_are_the_documented_formula():
+    # ref max 2: the scale term at ref 1 is 1e-5 * (1 + 2) = 3e-5; fp32 - fp64 = 1e-5 adds 4e-5.
+    from weakclip.parity import ParityReport, fp16_ulp
+
+    ref = torch.tensor([1.0, 2.0])
+    for diff, fp64, ok in [(2.9e-5, None, True), (3.1e-5, None, False), (6.9e-5, 1e-5, True), (7.1e-5, 1e-5, False)]:
+        report = ParityReport()
+        ours = ref + torch.tensor([diff, 0.0], dtype=torch.float64)
+        got = report.close("x", ours, ref, fp64=None if fp64 is None else ours - fp64)
+        assert got is ok, (diff, fp64)
+    assert fp16_ulp(torch.tensor([1.0, 0.75, 0.0])).tolist() == [2.0**-10, 2.0**-11, 2.0**-24]
+    report = ParityReport()  # labels: a differing pixel passes only where its margin is within the bound
+    assert report.labels("a", torch.tensor([1, 2]), torch.tensor([1, 3]), torch.tensor([9.0, 0.1]), 0.2)
+    assert report.allowed == {"a": 1}
+    assert not report.labels("b", torch.tensor([1, 2]), torch.tensor([1, 3]), torch.tensor([9.0, 0.3]), 0.2)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def test_train_writes_weights_logs_and_config(tiny_run, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--config", str(tiny_run), "--output", str(out)]) == 0
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("iter,loss/seed,loss/boundary,loss/aux,loss/total,lr")
+    assert rows[0].startswith("iter,loss/seed,loss/boundary,loss/aux,loss/total,loss/aux_accuracy,lr")
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

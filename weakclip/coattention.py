@@ -116,11 +116,15 @@ class CoAttention(nn.Module):
             v_out = layer(v_out, t)
         return self.text_out(t_out), self.visual_out(v_out)
 
+    @staticmethod
+    def visual_context(pixels: Tensor, global_embedding: Tensor) -> Tensor:
+        """pixels (B, D, h, w), global (B, D) -> the visual tokens (B, 1 + hw, D): global first, row-major."""
+        return torch.cat([global_embedding[:, None], pixels.flatten(2).transpose(1, 2)], dim=1)
+
     def forward(self, text: Tensor, pixels: Tensor, global_embedding: Tensor) -> tuple[Tensor, Tensor]:
         """text (B, K, D), pixels (B, D, h, w), global (B, D) -> updated text (B, K, D) and pixels (B, D, h, w)."""
         b, d, h, w = pixels.shape
-        context = torch.cat([global_embedding[:, None], pixels.flatten(2).transpose(1, 2)], dim=1)  # (B, 1+hw, D)
-        d_text, d_visual = self.deltas(text, context)
+        d_text, d_visual = self.deltas(text, self.visual_context(pixels, global_embedding))
         # The updated global token is not used further (as released).
         d_pixels = d_visual[:, 1:].transpose(1, 2).reshape(b, d, h, w)
         return text + self.alpha * d_text, pixels + self.beta[:, None, None] * d_pixels

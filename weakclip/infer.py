@@ -201,17 +201,39 @@ def label_filter(probs: Tensor, labels: Sequence[int] | None, ignore_index: int 
     return keys, ~allowed[best]
 
 
+def crf_inputs(probs: Tensor, labels: Sequence[int] | None) -> tuple[Tensor, list[int], Tensor]:
+    """probs (K, H, W) -> the CRF's input (len(keys), H, W): the kept classes of :func:`label_filter`,
+    renormalised to sum to 1 per pixel; with the kept class indices and the (H, W) Eq. 14 marks."""
+    keys, unknown = label_filter(probs, labels)
+    kept = probs[keys]
+    return kept / kept.sum(0, keepdim=True).clamp_min(1e-12), keys, unknown
+
+
+def finish_label_map(kept: np.ndarray, keys: Sequence[int], image: np.ndarray, unknown: np.ndarray,
+                     crf_params: CRFConfig | None, ignore_index: int = 255, trace: dict | None = None
+                     ) -> np.ndarray:
+    """The written label map (H, W) uint8: dense CRF over the kept classes (when ``crf_params`` and more
+    than one class), argmax mapped to class indices, ``ignore_index`` at the Eq. 14 marks.
+
+    kept: (len(keys), H, W) float32 from :func:`crf_inputs`; image: (H, W, 3) uint8 RGB; ``trace`` receives
+    the CRF marginals as ``crf_q``.
+    """
+    if crf_params is not None and len(keys) > 1:
+        kept = dense_crf_pydensecrf(kept, image, crf_params)
+    if trace is not None:
+        trace["crf_q"] = kept
+    label = np.asarray(keys, dtype=np.uint8)[kept.argmax(0)]
+    label[unknown] = ignore_index
+    return label
+
+
 # -------------------------------------------------------------------------------------------- CRF pool
 
 
 def _finish(job: tuple) -> str:
     """Worker: CRF over the kept classes, label map, Eq. 14 marks, atomic PNG. Returns the image id."""
     sample_id, probs, keys, image, unknown, out_path, crf_params, ignore_index = job
-    if crf_params is not None and len(keys) > 1:
-        probs = dense_crf_pydensecrf(probs, image, crf_params)
-    label = np.asarray(keys, dtype=np.uint8)[probs.argmax(0)]
-    label[unknown] = ignore_index
-    write_mask(out_path, label)
+    write_mask(out_path, finish_label_map(probs, keys, image, unknown, crf_params, ignore_index))
     return sample_id
 
 
@@ -415,9 +437,7 @@ def write_label_maps(
     def jobs() -> Iterator[tuple]:
         for sample, image in _prefetch(lambda s: load_image(s.image), mine):
             probs = multiscale_probs(predict, image, icfg, info.device)
-            keys, unknown = label_filter(probs, sample.labels if use_labels else None)
-            kept = probs[keys]
-            kept = kept / kept.sum(0, keepdim=True).clamp_min(1e-12)
+            kept, keys, unknown = crf_inputs(probs, sample.labels if use_labels else None)
             if save_probs:
                 _save_probs(out_dir / "probs" / f"{sample.id}.npz", kept, keys, unknown, icfg.save_probs_size)
             yield (sample.id, kept.cpu().numpy().astype(np.float32), keys, image, unknown.cpu().numpy(),

@@ -26,6 +26,13 @@ COUNT_FLOOR = 1e-4
 RATIO_MIN, RATIO_MAX = 0.05, 20.0
 
 
+def seed_cues(seeds: torch.Tensor, k: int, ignore_index: int = 255) -> torch.Tensor:
+    """(B, h, w) seed labels -> (B, K, h, w) bool cues: one-hot, none where the seed is ``ignore_index`` or
+    outside 0..K-1."""
+    has_cue = (seeds != ignore_index) & (seeds >= 0) & (seeds < k)
+    return F.one_hot(torch.where(has_cue, seeds, k), k + 1)[..., :k].permute(0, 3, 1, 2).bool()
+
+
 def seeding_loss(probs: torch.Tensor, seeds: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Balanced seeding loss: background and pooled foreground cross-entropies, each averaged per image.
 
@@ -37,13 +44,13 @@ def seeding_loss(probs: torch.Tensor, seeds: torch.Tensor, ignore_index: int = 2
         Scalar ``mean_b(bg_b) + mean_b(fg_b)`` with ``bg_b = -sum(log P_0 over background seeds) /
         max(#background seeds, 1e-4)`` and ``fg_b`` the same over all foreground seeds, pooled.
     """
-    k = probs.shape[1]
-    has_cue = (seeds != ignore_index) & (seeds >= 0) & (seeds < k)
+    cues = seed_cues(seeds, probs.shape[1], ignore_index)
+    has_cue = cues.any(dim=1)
     index = torch.where(has_cue, seeds, 0)[:, None]
     # log of the seed's probability; pixels without a cue read log(1) = 0 (no 0 * log 0 on padding).
     log_p = torch.where(has_cue, probs.gather(1, index)[:, 0], 1.0).log()
-    bg = has_cue & (seeds == 0)
-    fg = has_cue & (seeds > 0)
+    bg = cues[:, 0]
+    fg = cues[:, 1:].any(dim=1)
 
     def term(mask: torch.Tensor) -> torch.Tensor:
         total = -(log_p * mask).sum(dim=(1, 2))
@@ -68,6 +75,18 @@ def boundary_loss(probs: torch.Tensor, crf_probs: torch.Tensor) -> torch.Tensor:
     return (q * (q / probs).clamp(RATIO_MIN, RATIO_MAX).log()).sum(dim=1).mean()
 
 
+def aux_logits(score_map: torch.Tensor, size: tuple[int, ...], tau: float) -> torch.Tensor:
+    """score_map (B, K, h, w) -> logits (B, K, *size): score_map / tau, bilinear (align_corners false)."""
+    return F.interpolate(score_map / tau, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def aux_accuracy(score_map: torch.Tensor, seeds: torch.Tensor, tau: float) -> torch.Tensor:
+    """Percent of all seed pixels (ignored ones count as misses, as the released log) where the score
+    map's argmax equals the seed: the released ``acc_seg`` of the identity head."""
+    return (aux_logits(score_map.float(), seeds.shape[-2:], tau).argmax(1) == seeds).float().mean() * 100
+
+
 def aux_ce_loss(
     score_map: torch.Tensor, seeds: torch.Tensor, tau: float = 0.07, ignore_index: int = 255,
     over_all_pixels: bool = False,
@@ -83,7 +102,7 @@ def aux_ce_loss(
         Scalar mean over the non-ignored pixels (``over_all_pixels``: over all pixels, as released); 0, with
         the graph intact, when every pixel is ignored.
     """
-    logits = F.interpolate(score_map / tau, size=seeds.shape[-2:], mode="bilinear", align_corners=False)
+    logits = aux_logits(score_map, seeds.shape[-2:], tau)
     total = F.cross_entropy(logits, seeds, ignore_index=ignore_index, reduction="sum")
     if over_all_pixels:
         return total / seeds.numel()
@@ -142,10 +161,11 @@ def weakclip_losses(
             which restricts the boundary CRF to background (always kept) + these classes.
         released: the released code's auxiliary-CE denominator and CRF colours (``model.released``).
         trace: if given, receives the intermediates ``logits_small``, ``seeds_small``, ``probs``,
-            ``crf_image`` and ``crf_q`` (the CRF marginals before flooring).
+            ``crf_image``, ``crf_q`` (the CRF marginals before flooring) and ``cues`` (:func:`seed_cues`).
 
     Returns:
-        ``{"seed", "boundary", "aux", "total"}`` scalars, ``total`` = weighted sum.
+        ``{"seed", "boundary", "aux", "total", "aux_accuracy"}`` scalars: ``total`` = weighted sum of the
+        first three; ``aux_accuracy`` (no gradient) is the score map's seed accuracy in percent.
     """
     b, k = logits.shape[:2]
     if seeds.shape != (b, *images.shape[-2:]) or images.shape[:2] != (b, 3):
@@ -169,13 +189,16 @@ def weakclip_losses(
         colours = released_crf_colours(images, size) if released else downsample_images(images, size)
         target = crf_refine(probs.detach().clamp_min(CRF_CLIP), colours, cfg.crf, cfg.crf_backend, label_mask)
     if trace is not None:
-        trace.update(logits_small=logits, seeds_small=small_seeds, probs=probs, crf_image=colours, crf_q=target)
+        trace.update(logits_small=logits, seeds_small=small_seeds, probs=probs, crf_image=colours, crf_q=target,
+                     cues=seed_cues(small_seeds, k))
 
     losses = {
         "seed": seeding_loss(probs, small_seeds),
         "boundary": boundary_loss(probs, target),
         "aux": aux_ce_loss(score_map.float(), seeds, cfg.tau, over_all_pixels=released),
     }
+    accuracy = aux_accuracy(score_map, seeds, cfg.tau)
     losses["total"] = (cfg.seed_weight * losses["seed"] + cfg.boundary_weight * losses["boundary"]
                        + cfg.aux_weight * losses["aux"])
+    losses["aux_accuracy"] = accuracy  # logged, not optimised
     return losses

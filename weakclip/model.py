@@ -119,13 +119,22 @@ class FPNNeck(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
+    @staticmethod
+    def score_at(score: Tensor, size: tuple[int, ...]) -> Tensor:
+        """score (B, K, h, w) -> (B, K, *size): bilinear, corner-aligned (as released)."""
+        return F.interpolate(score, size=tuple(size), mode="bilinear", align_corners=True)
+
+    def inputs(self, feats: list[Tensor], score: Tensor) -> list[Tensor]:
+        """The (B, C_i [+ K], *) inputs the laterals see, concatenated (the forward never builds them)."""
+        return [torch.cat([f, self.score_at(score, f.shape[2:])], 1) if i in self.score_levels else f
+                for i, f in enumerate(feats)]
+
     def _lateral(self, i: int, feat: Tensor, score: Tensor) -> Tensor:
         conv = self.lateral[i]
         c = feat.shape[1]
         out = F.conv2d(feat, conv.weight[:, :c], conv.bias)
         if i in self.score_levels:
-            resized = F.interpolate(score, size=feat.shape[2:], mode="bilinear", align_corners=True)
-            out = out + F.conv2d(resized, conv.weight[:, c:])
+            out = out + F.conv2d(self.score_at(score, feat.shape[2:]), conv.weight[:, c:])
         return out
 
     def forward(self, feats: list[Tensor], score: Tensor) -> list[Tensor]:

@@ -84,15 +84,18 @@ def test_resnet_pads_other_sizes_to_multiples_of_32(resnet_clip):
     torch.testing.assert_close(feats.global_embedding, padded.global_embedding, rtol=0, atol=0)
 
 
-def test_position_tables_are_resized_for_other_grids(resnet_clip):
-    # The ViT, the ResNet pool and CLIP-ES all resize their position tables with resize_positions.
-    table = resnet_clip.visual.attnpool.positional_embedding
-    assert torch.equal(resize_positions(table, (7, 7), (7, 7)), table)
-    resized = resize_positions(table, (7, 7), (9, 11))
-    grid = table[1:].T.reshape(1, -1, 7, 7)
-    expected = F.interpolate(grid, size=(9, 11), mode="bilinear", align_corners=False).flatten(2)[0].T
-    torch.testing.assert_close(resized[1:], expected)
-    assert torch.equal(resized[0], table[0])  # the mean token keeps its own row
+def test_position_tables_are_resized_for_other_grids():
+    # The ViT, the ResNet pool and CLIP-ES all resize their position tables with resize_positions: bilinear,
+    # half-pixel centres (align_corners false). A 2 x 2 grid [[0, 1], [2, 3]] (one channel) to 4 x 4, by hand:
+    # target pixel j samples source (j + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25, clamped to [0, 1], so each
+    # row reads 0, 0.25, 0.75, 1 of the way along and each column likewise.
+    table = torch.tensor([[9.0], [0.0], [1.0], [2.0], [3.0]])  # first row: the class / mean token's own
+    assert torch.equal(resize_positions(table, (2, 2), (2, 2)), table)
+    expected = torch.tensor([[0.0, 0.25, 0.75, 1.0], [0.5, 0.75, 1.25, 1.5], [1.5, 1.75, 2.25, 2.5],
+                             [2.0, 2.25, 2.75, 3.0]])
+    resized = resize_positions(table, (2, 2), (4, 4))
+    assert resized[0].item() == 9.0
+    torch.testing.assert_close(resized[1:, 0].reshape(4, 4), expected, rtol=0, atol=1e-7)
 
 
 def test_vit_taps_equal_open_clips_blocks(vit_clip):

@@ -214,3 +214,21 @@ def test_voc_vit_b16_parameter_counts_match_the_released_architecture():
     assert counts["trainable"] == 7_087_872 + 2_633_216 + 3_169_280 + 4_137_749 + 5_120
     assert 0.09 < counts["trainable"] / counts["total"] < 0.11
     assert isinstance(model, WeakCLIP)
+
+
+def test_released_mode_from_clip_weights_resizes_positions_as_released(tiny_clip_cfg):
+    # Released: CLIP's 14 x 14 grid goes to 32 x 32 at load (the 512 input), and each forward resizes that
+    # table again to the input's grid; the default resizes CLIP's own grid once.
+    from weakclip.clip import load_clip, resize_positions
+    from weakclip.config import ModelConfig
+
+    table = load_clip(tiny_clip_cfg).visual.positional_embedding.detach().clone()  # 1 + 14 * 14 rows
+    released = build_model(ModelConfig(clip=tiny_clip_cfg, released=True), ["background", "cat"])
+    default = build_model(ModelConfig(clip=tiny_clip_cfg), ["background", "cat"])
+    assert tuple(released.visual.visual.grid_size) == (32, 32) and released.visual.grid == (32, 32)
+    torch.testing.assert_close(released.visual.visual.positional_embedding, resize_positions(table, (14, 14), (32, 32)),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(default.visual.visual.positional_embedding, table, rtol=0, atol=0)
+    # At a 20 x 20 grid (320 px) two resizes differ from one.
+    twice = resize_positions(resize_positions(table, (14, 14), (32, 32)), (32, 32), (20, 20))
+    assert (twice - resize_positions(table, (14, 14), (20, 20))).abs().max() > 1e-3

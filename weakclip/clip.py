@@ -303,6 +303,25 @@ def resize_positions(table: Tensor, grid: tuple[int, int], size: tuple[int, int]
     return torch.cat([table[:1], body.flatten(2)[0].transpose(0, 1)])
 
 
+# The released ViT is built for 512 x 512 inputs: at load it resizes CLIP's position grid once to 512 / p
+# and stores that table; every forward resizes it again to the input's grid (official-code-notes).
+RELEASED_INPUT_SIZE = 512
+
+
+def resize_positions_as_released(visual: nn.Module, size: int = RELEASED_INPUT_SIZE) -> None:
+    """Replace a ViT tower's position table (1 + gh * gw, C) by its resize to (size / p)^2 grid cells, in
+    place, as the released code does when it loads CLIP weights. A ResNet tower is left as it is."""
+    grid = getattr(visual, "grid_size", None)
+    if grid is None or not hasattr(visual, "positional_embedding"):
+        return
+    side = size // int(visual.conv1.kernel_size[0])
+    if tuple(grid) == (side, side):
+        return
+    table = resize_positions(visual.positional_embedding.detach(), tuple(grid), (side, side))
+    visual.positional_embedding = nn.Parameter(table, requires_grad=visual.positional_embedding.requires_grad)
+    visual.grid_size = (side, side)
+
+
 def input_stats(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std (RGB, 0..1 scale) for ``normalize`` = "clip" or "imagenet".
 

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import VisualBackbone, build_backbone
-from .clip import PromptTextEncoder, check_shapes, clip_architecture, input_stats, load_clip
+from .clip import (
+    PromptTextEncoder,
+    check_shapes,
+    clip_architecture,
+    input_stats,
+    load_clip,
+    resize_positions_as_released,
+)
 from .coattention import build_co_attention
 from .config import ModelConfig
 from .errors import WeakclipError
@@ -217,6 +224,8 @@ class WeakCLIP(nn.Module):
         self.class_names = list(class_names)
         released = cfg.released
         clip_model = clip_model if clip_model is not None else load_clip(cfg.clip)
+        if released and not cfg.clip.in_checkpoint:  # CLIP's own weights: the released load-time resize
+            resize_positions_as_released(clip_model.visual)
         self.visual: VisualBackbone = build_backbone(clip_model.visual, cfg.backbone, released)
         self.text = PromptTextEncoder(
             clip_model, self.class_names, cfg.n_ctx, cfg.name_length, cfg.learnable_prompts,

@@ -48,6 +48,9 @@ class BackboneConfig:
     # clip-resnet taps its four stages: leave null.
     taps: list[int] | None = None
     class_token_twice: bool = False  # clip-vit, released quirk: CLS input = 2 * class_embedding + pos[0]
+    # clip-resnet's dense embeddings: "attention-pool" (released: every position's output of the attention
+    # pool's full self-attention) or "maskclip" (MaskCLIP: each position's value and output projection alone).
+    dense: str = "attention-pool"
 
 
 @dataclass

@@ -78,13 +78,31 @@ def adapter_level(channels: int, factor: float) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def same_size_level(channels: int, convs: int) -> nn.Module:
+    """GroupNorm(1), then ``convs`` 3x3 convolutions that keep the size (BatchNorm and GELU between two):
+    the released ResNet adapter's levels (``CLIPResNetWithAttention`` ``fpn1`` .. ``fpn4``, same key order)."""
+    norm = nn.GroupNorm(1, channels)
+    if not convs:
+        return norm
+    layers: list[nn.Module] = [norm, nn.Conv2d(channels, channels, 3, padding=1)]
+    for _ in range(convs - 1):
+        layers += [nn.BatchNorm2d(channels), nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1)]
+    return nn.Sequential(*layers)
+
+
+# 3x3 convolutions per level of the released ResNet adapter: fpn1 two (BN, GELU between), fpn2 and fpn4 one,
+# fpn3 none (a bare GroupNorm); they take the place of the ViT adapter's resampling.
+RESNET_LEVEL_CONVS = (2, 1, 0, 1)
+
+
 class PyramidAdapter(nn.Module):
     """The pyramid adapter (Sec. 3.3.2): each tap, on its own, to one level of a 1/4, 1/8, 1/16, 1/32 pyramid
     (relative to the third tap's stride s: s/4, s/2, s, 2s).
 
     A ViT's four taps all sit at 1/16: the first is enlarged 4x (deconv, BN, GELU, deconv), the second 2x, the
-    third kept, the fourth max-pooled to 1/32. A ResNet's stages already form that pyramid: each level is only
-    normalised. GroupNorm(1) comes first on every level.
+    third kept, the fourth max-pooled to 1/32. A ResNet's stages already form that pyramid: as in the released
+    ``CLIPResNetWithAttention``, 3x3 convolutions take the place of the resampling (level 1: conv, BN, GELU,
+    conv; levels 2 and 4: one conv; level 3: none) and sizes are kept. GroupNorm(1) comes first on every level.
     """
 
     def __init__(self, channels: list[int], strides: list[int]):
@@ -93,8 +111,11 @@ class PyramidAdapter(nn.Module):
         if any(f <= 0 or not math.log2(f).is_integer() for f in factors):
             raise WeakclipError(f"the pyramid adapter needs tap strides that are powers of two apart from "
                                 f"s/4, s/2, s, 2s; the backbone's are {strides}")
-        self.level1, self.level2, self.level3, self.level4 = (
-            adapter_level(c, f) for c, f in zip(channels, factors))
+        if all(f == 1 for f in factors):
+            levels = [same_size_level(c, n) for c, n in zip(channels, RESNET_LEVEL_CONVS)]
+        else:
+            levels = [adapter_level(c, f) for c, f in zip(channels, factors)]
+        self.level1, self.level2, self.level3, self.level4 = levels
 
     def forward(self, taps: list[Tensor]) -> list[Tensor]:
         """taps: 4 x (B, C_i, h_i, w_i) -> 4 x (B, C_i, *) at 1/4, 1/8, 1/16, 1/32 (odd sizes floor at 1/32)."""

@@ -30,16 +30,16 @@ RELEASED_TAPS = [4, 6, 8, 12]
 # Head width the released configs use everywhere (ViT 768 / 12, text 512 / 8, co-attention 256 / 4).
 HEAD_WIDTH = 64
 
+# The adapter levels, ViT or ResNet: ``fpn<i>`` is ``PyramidAdapter.level<i>`` layer for layer (a bare
+# GroupNorm level has no index), so every adapter key lands there and none in the CLIP tower.
+ADAPTER_RULE = (r"backbone\.fpn([1-4])\.(\d+\.)?(.+)", r"adapter.level\1.\2\3")
 # (official pattern, our name); applied in order, first match wins. ``{last}`` is the co-attention's
 # effective layer (the last of each stack).
 _RULES: list[tuple[str, str]] = [
     (r"contexts", "text.ctx"),
     (r"gamma", "co_attention.alpha"),
     (r"beta", "co_attention.beta"),
-    (r"backbone\.fpn1\.(\d)\.(.+)", r"adapter.level1.\1.\2"),
-    (r"backbone\.fpn2\.(\d)\.(.+)", r"adapter.level2.\1.\2"),
-    (r"backbone\.fpn3\.(weight|bias)", r"adapter.level3.\1"),
-    (r"backbone\.fpn4\.0\.(weight|bias)", r"adapter.level4.0.\1"),
+    ADAPTER_RULE,
     (r"backbone\.(.+)", r"visual.visual.\1"),
     (r"text_encoder\.positional_embedding", TEXT_POSITIONS),
     (r"text_encoder\.(.+)", r"text.\1"),
@@ -176,6 +176,13 @@ def convert_state_dict(state: dict[str, Tensor], source: str = "checkpoint", vis
         out.state[ours] = tensor
         out.mapping[key] = ours
     return out
+
+
+def released_adapter_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter tensors (``backbone.fpn*``) of a released state dict, under ``PyramidAdapter``'s own names
+    (``level1.0.weight``, ...), by the rule :func:`convert_state_dict` applies."""
+    pattern = re.compile(ADAPTER_RULE[0] + "$")
+    return {pattern.sub(ADAPTER_RULE[1], k).removeprefix("adapter."): v for k, v in state.items() if pattern.match(k)}
 
 
 def released_config(base: Config, conversion: Conversion, class_names: list[str] | None = None) -> Config:

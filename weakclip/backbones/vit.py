@@ -61,6 +61,8 @@ class ClipViT(VisualBackbone):
 
     @classmethod
     def from_config(cls, visual: nn.Module, cfg: BackboneConfig, released: bool) -> ClipViT:
+        if cfg.dense != "attention-pool":
+            raise WeakclipError("model.backbone.dense: clip-vit projects every token; 'dense' applies to clip-resnet")
         # The released code adds the class embedding twice and truncates sizes that are not a multiple of p.
         return cls(visual, cfg.taps, cfg.class_token_twice or released, truncate=released)
 

@@ -225,4 +225,4 @@ def check_fixture(fixture: str | Path) -> ParityReport:
 
 def _load_checkers() -> None:
     """Import the modules whose checkers register themselves."""
-    from . import clip_es, weakclip  # noqa: F401
+    from . import clip_es, resnet, weakclip  # noqa: F401

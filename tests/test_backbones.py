@@ -1,5 +1,6 @@
-"""The visual backbones against open_clip's own forward: ViT and modified-ResNet taps, global embeddings, the
-ResNet's dense embeddings against torch's attention, and picking a backbone from the config."""
+"""The visual backbones against open_clip's own forward: ViT and modified-ResNet taps (padded or floored),
+global embeddings, the ResNet's dense embeddings (attention pool and MaskCLIP) against torch's attention,
+and picking a backbone from the config."""
 
 from __future__ import annotations
 
@@ -49,16 +50,39 @@ def test_resnet_taps_and_global_embedding_equal_open_clips_forward(resnet_clip):
     torch.testing.assert_close(feats.global_embedding, embedding, rtol=1e-5, atol=1e-5)
 
 
-def test_resnet_dense_embeddings_are_each_position_attending_to_itself(resnet_clip):
+def _pool_tokens(pool, x):
+    """[mean, positions] + the pool's own table (no resize: the tower's native grid), (1 + hw, B, C)."""
+    x = x.flatten(2).permute(2, 0, 1)
+    return torch.cat([x.mean(0, keepdim=True), x]) + pool.positional_embedding[:, None]
+
+
+def test_resnet_dense_embeddings_are_every_positions_output_of_the_attention_pool(resnet_clip):
+    # Reference: torch's nn.MultiheadAttention module holding the pool's weights, every token attending to
+    # every token (the released AttentionPool2d): output 0 is the global embedding, outputs 1.. the dense map.
+    torch.manual_seed(2)
+    backbone = ClipResNet(resnet_clip.visual)
+    feats = backbone(torch.randn(2, 3, 224, 224))
+    pool = resnet_clip.visual.attnpool
+    x = _pool_tokens(pool, feats.taps[3])
+    mha = torch.nn.MultiheadAttention(x.shape[-1], pool.num_heads, kdim=x.shape[-1], vdim=x.shape[-1])
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([pool.q_proj.weight, pool.k_proj.weight, pool.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]))
+        mha.out_proj = pool.c_proj
+        out, _ = mha.eval()(x, x, x, need_weights=False)
+    torch.testing.assert_close(feats.dense, out[1:].permute(1, 2, 0).reshape(2, -1, 7, 7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats.global_embedding, out[0], rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_maskclip_dense_embeddings_are_each_position_attending_to_itself(resnet_clip):
     # Reference: torch's multi-head attention with the pool's weights over all positions, each query masked to
     # see only its own key, so its output is the output projection of its own value.
     torch.manual_seed(2)
-    backbone = ClipResNet(resnet_clip.visual)
+    backbone = ClipResNet(resnet_clip.visual, dense="maskclip")
     images = torch.randn(1, 3, 224, 224)
     feats = backbone(images)
     pool = resnet_clip.visual.attnpool
-    x = feats.taps[3].flatten(2).permute(2, 0, 1)
-    x = torch.cat([x.mean(0, keepdim=True), x]) + pool.positional_embedding[:, None]
+    x = _pool_tokens(pool, feats.taps[3])
     n = x.shape[0]
     self_only = torch.full((n, n), float("-inf")).fill_diagonal_(0.0)
     with torch.no_grad():
@@ -70,18 +94,42 @@ def test_resnet_dense_embeddings_are_each_position_attending_to_itself(resnet_cl
             v_proj_weight=pool.v_proj.weight)
     ref = out[1:].permute(1, 2, 0).reshape(1, -1, 7, 7)
     torch.testing.assert_close(feats.dense, ref, rtol=1e-5, atol=1e-5)
+    released = ClipResNet(resnet_clip.visual)(images)
+    torch.testing.assert_close(feats.global_embedding, released.global_embedding, rtol=1e-5, atol=1e-6)
+    assert (feats.dense - released.dense).abs().max() > 1e-2  # two different dense maps
 
 
-def test_resnet_pads_other_sizes_to_multiples_of_32(resnet_clip):
+def _stages(visual, images):
+    """open_clip's own stage outputs during the tower's forward, its attention pool (which needs the native
+    grid) swapped for an identity."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out))
+             for m in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)]
+    pool, visual.attnpool = visual.attnpool, torch.nn.Identity()
+    try:
+        visual(images)
+    finally:
+        visual.attnpool = pool
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize(("floor", "sizes"), [
+    # Zero-padded to 224 x 256: 1/4 .. 1/32 of it.
+    (False, [(56, 64), (28, 32), (14, 16), (7, 8)]),
+    # Released: the stride-2 conv gives 100 x 125, the stem pool 50 x 62, each stage pool halves, flooring.
+    (True, [(50, 62), (25, 31), (12, 15), (6, 7)]),
+])
+def test_resnet_pads_or_floors_other_sizes(resnet_clip, floor, sizes):
     torch.manual_seed(3)
-    backbone = ClipResNet(resnet_clip.visual)
     x = torch.randn(1, 3, 200, 250)
-    feats = backbone(x)
-    assert [t.shape[2:] for t in feats.taps] == [(56, 64), (28, 32), (14, 16), (7, 8)]
-    assert feats.dense.shape[2:] == (7, 8)
-    padded = backbone(F.pad(x, (0, 6, 0, 24)))
-    torch.testing.assert_close(feats.dense, padded.dense, rtol=0, atol=0)
-    torch.testing.assert_close(feats.global_embedding, padded.global_embedding, rtol=0, atol=0)
+    feats = ClipResNet(resnet_clip.visual, floor=floor)(x)
+    assert [tuple(t.shape[2:]) for t in feats.taps] == sizes and tuple(feats.dense.shape[2:]) == sizes[3]
+    # The taps are open_clip's own stages on the zero-padded (default) or the unchanged (released) input.
+    ref = _stages(resnet_clip.visual, F.pad(x, (0, 6, 0, 24)) if not floor else x)
+    for ours, theirs in zip(feats.taps, ref):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_position_tables_are_resized_for_other_grids():
@@ -131,6 +179,8 @@ def test_auto_picks_the_backbone_for_the_tower(vit_clip, resnet_clip):
     ("vit", BackboneConfig(type="clip-resnet"), "clip-resnet needs a CLIP ModifiedResNet image tower"),
     ("resnet", BackboneConfig(taps=[1, 2, 3, 4]), "model.backbone.taps: clip-resnet taps its four stages"),
     ("resnet", BackboneConfig(class_token_twice=True), "a ResNet has no class token"),
+    ("resnet", BackboneConfig(dense="pixels"), "model.backbone.dense: expected one of attention-pool, maskclip; got"),
+    ("vit", BackboneConfig(dense="maskclip"), "model.backbone.dense: clip-vit projects every token"),
     ("vit", BackboneConfig(taps=[1, 2, 3, 9]), r"model.backbone.taps: need 4 increasing block indices in 1..4"),
     ("vit", BackboneConfig(type="swin"), r"model.backbone.type: unknown 'swin' \(registered: clip-resnet, clip-vit\)"),
 ])

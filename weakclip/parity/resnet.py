@@ -50,7 +50,7 @@ def build_released_backbone(fixture: Path, config: dict, dense: str = RELEASED_D
 def fixture_outputs(fixture: Path, config: dict, dtype: torch.dtype) -> dict[str, Tensor]:
     """Our value of every recorded tensor, by name (``<case>.<tensor>``), with the modules in ``dtype``."""
     inputs = load_file(str(fixture / "inputs.safetensors"))
-    backbone, adapter = build_released_backbone(fixture, config)
+    backbone, adapter = build_released_backbone(fixture, config, RELEASED_DENSE)
     backbone, adapter = backbone.to(dtype), adapter.to(dtype)
     maskclip = ClipResNet(backbone.visual, "maskclip", floor=backbone.floor)  # the same tower and weights
     out: dict[str, Tensor] = {}

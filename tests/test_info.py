@@ -76,7 +76,12 @@ def test_info_resnet_configs_count_the_paper_backbones_without_weights(no_weight
     # The text tower less its position table (a buffer of the prompt encoder) and CLIP's logit scale.
     assert counts["clip_text"] == sum(p.numel() for n, p in reference.named_parameters()
                                       if not n.startswith("visual.") and n not in ("positional_embedding", "logit_scale"))
-    assert counts["adapter"] == 2 * sum(stages)  # a GroupNorm per stage: the stages already form the pyramid
+    # The released CLIPResNetWithAttention adapter (reference notes, section 3): fpn1 GroupNorm, 3x3 conv,
+    # BatchNorm, GELU, 3x3 conv; fpn2 and fpn4 GroupNorm, 3x3 conv; fpn3 GroupNorm. Norms hold 2 C, a conv 9 C^2 + C.
+    c1, c2, c3, c4 = stages
+    conv = [9 * c * c + c for c in stages]
+    assert counts["adapter"] == (4 * c1 + 2 * conv[0]) + (2 * c2 + conv[1]) + 2 * c3 + (2 * c4 + conv[3])
+    assert conv[3] == 37_750_784  # the fpn4 convolution alone: 37.7M
     assert counts["neck"] == sum((c + 21) * 256 + 256 for c in stages) + 4 * (256 * 256 * 9 + 256)
     assert counts["head"] == 4_137_749  # as with ViT-B/16: 256 channels, 21 classes
     assert counts["co_attention"] == _co_attention_params(reference.visual.output_dim)

@@ -27,6 +27,9 @@ from .model import TEXT_POSITIONS
 
 # Released tap indices (``out_indices`` [3, 5, 7, 11], 0-based) as this package's 1-based blocks.
 RELEASED_TAPS = [4, 6, 8, 12]
+# A released ResNet image tower is told apart by its attention pool; the released class gives it 32 heads.
+RESNET_POOL_TABLE = "backbone.attnpool.positional_embedding"
+RESNET_POOL_HEADS = 32
 # Head width the released configs use everywhere (ViT 768 / 12, text 512 / 8, co-attention 256 / 4).
 HEAD_WIDTH = 64
 
@@ -117,37 +120,65 @@ def _heads(width: int, heads: int | None, what: str, source: str) -> int:
     return heads
 
 
+def _square_grid(state: dict[str, Tensor], key: str, source: str) -> int:
+    rows = _shape(state, key, source)[0] - 1
+    grid = round(rows ** 0.5)
+    if grid * grid != rows:
+        raise WeakclipError(f"{source}: {key} has {rows + 1} rows, not a square grid + 1")
+    return grid
+
+
+def _vit_vision(state: dict[str, Tensor], source: str, heads: int | None) -> tuple[dict, int, str]:
+    """open_clip ``vision_cfg``, the joint width D and the backbone type of a released ViT image tower."""
+    width, _, patch, _ = _shape(state, "backbone.conv1.weight", source)
+    grid = _square_grid(state, "backbone.positional_embedding", source)
+    layers = _count(state, "backbone.transformer.resblocks.")
+    if layers < max(RELEASED_TAPS):
+        raise WeakclipError(f"{source}: the image encoder has {layers} blocks; the released taps need 12")
+    heads = _heads(width, heads, "image encoder", source)
+    vision = {"layers": layers, "width": width, "head_width": width // heads, "patch_size": patch,
+              "image_size": grid * patch}
+    return vision, _shape(state, "backbone.proj", source)[1], "clip-vit"
+
+
+def _resnet_vision(state: dict[str, Tensor], source: str, heads: int | None) -> tuple[dict, int, str]:
+    """The same for a released ``CLIPResNetWithAttention``: OpenAI's modified ResNet, whose attention pool the
+    released class builds with 32 heads whatever the width (its table's grid gives the input size / 32)."""
+    width = 2 * _shape(state, "backbone.conv1.weight", source)[0]  # the stem's first conv has width / 2
+    grid = _square_grid(state, RESNET_POOL_TABLE, source)
+    pool_width = 32 * width
+    heads = heads or RESNET_POOL_HEADS
+    if pool_width % heads:
+        raise WeakclipError(f"{source}: cannot split the attention pool's width {pool_width} into {heads} heads; "
+                            f"give the number of heads")
+    vision = {"layers": [_count(state, f"backbone.layer{i}.") for i in range(1, 5)], "width": width,
+              "head_width": pool_width // heads, "image_size": grid * 32}
+    return vision, _shape(state, "backbone.attnpool.c_proj.weight", source)[0], "clip-resnet"
+
+
 def convert_state_dict(state: dict[str, Tensor], source: str = "checkpoint", vision_heads: int | None = None,
                        text_heads: int | None = None, coattn_heads: int | None = None) -> Conversion:
     """Map a released state dict onto this package's model.
 
     The head counts are not stored in a state dict; by default they follow the released configs (64-wide
-    heads). Returns a :class:`Conversion` whose ``state`` loads with ``WeakCLIP.load_weakclip_state_dict``
+    heads; a ResNet's attention pool: 32). A ViT or a ResNet image tower (``CLIPResNetWithAttention``, told
+    apart by its attention pool) is converted. Returns a :class:`Conversion` whose ``state`` loads with ``WeakCLIP.load_weakclip_state_dict``
     into the model that ``released_config`` describes.
     """
-    v_width, _, patch, _ = _shape(state, "backbone.conv1.weight", source)
-    grid_rows = _shape(state, "backbone.positional_embedding", source)[0] - 1
-    grid = round(grid_rows ** 0.5)
-    if grid * grid != grid_rows:
-        raise WeakclipError(f"{source}: backbone.positional_embedding has {grid_rows + 1} rows, not a square grid + 1")
+    vision, embed_dim, backbone = (_resnet_vision if RESNET_POOL_TABLE in state else _vit_vision)(
+        state, source, vision_heads)
     vocab, t_width = _shape(state, "text_encoder.token_embedding.weight", source)
     context_length = _shape(state, "text_encoder.positional_embedding", source)[0]
-    embed_dim = _shape(state, "backbone.proj", source)[1]
     if _shape(state, "text_encoder.text_projection", source)[1] != embed_dim:
         raise WeakclipError(f"{source}: image and text embeddings differ in width; the released model needs them equal")
     n_ctx = _shape(state, "contexts", source)[1]
     k = _shape(state, "decode_head.conv_seg.weight", source)[0]
     coattn_width = _shape(state, "context_decoder.text_proj.1.weight", source)[0]
     coattn_layers = _count(state, "context_decoder.decoder.")
-    v_layers = _count(state, "backbone.transformer.resblocks.")
-    if v_layers < max(RELEASED_TAPS):
-        raise WeakclipError(f"{source}: the image encoder has {v_layers} blocks; the released taps need 12")
-    v_heads = _heads(v_width, vision_heads, "image encoder", source)
     arch = {
         "embed_dim": embed_dim,
         "quick_gelu": True,  # OpenAI CLIP's activation, which the released encoders use
-        "vision_cfg": {"layers": v_layers, "width": v_width, "head_width": v_width // v_heads,
-                       "patch_size": patch, "image_size": grid * patch},
+        "vision_cfg": vision,
         "text_cfg": {"context_length": context_length, "vocab_size": vocab, "width": t_width,
                      "heads": _heads(t_width, text_heads, "text encoder", source),
                      "layers": _count(state, "text_encoder.transformer.resblocks.")},
@@ -156,7 +187,7 @@ def convert_state_dict(state: dict[str, Tensor], source: str = "checkpoint", vis
         "n_ctx": n_ctx, "name_length": context_length - n_ctx, "coattn_width": coattn_width,
         "coattn_heads": _heads(coattn_width, coattn_heads, "co-attention", source), "coattn_layers": 1,
         "decoder_channels": _shape(state, "neck.lateral_convs.0.conv.weight", source)[0],
-        "num_classes": k,
+        "num_classes": k, "backbone": backbone,
     }
     rules = [(re.compile(p.replace("{last}", str(coattn_layers - 1)) + "$"), r) for p, r in _RULES]
     out = Conversion(state={}, arch=arch, model=model)
@@ -202,7 +233,8 @@ def released_config(base: Config, conversion: Conversion, class_names: list[str]
     cfg.model = ModelConfig(
         clip=ClipConfig(model="released", pretrained=None, arch=copy.deepcopy(conversion.arch), normalize="imagenet",
                         in_checkpoint=True),
-        backbone=BackboneConfig(type="clip-vit", taps=list(RELEASED_TAPS), class_token_twice=True),
+        backbone=(BackboneConfig(type="clip-vit", taps=list(RELEASED_TAPS), class_token_twice=True)
+                  if m["backbone"] == "clip-vit" else BackboneConfig(type=m["backbone"])),
         co_attention=dataclasses.replace(old.co_attention, type="released", width=m["coattn_width"],
                                          heads=m["coattn_heads"], layers=m["coattn_layers"]),
         released=True, learnable_prompts=True, n_ctx=m["n_ctx"], ctx_init_std=1.0, name_length=m["name_length"],

@@ -162,8 +162,8 @@ def convert_state_dict(state: dict[str, Tensor], source: str = "checkpoint", vis
 
     The head counts are not stored in a state dict; by default they follow the released configs (64-wide
     heads; a ResNet's attention pool: 32). A ViT or a ResNet image tower (``CLIPResNetWithAttention``, told
-    apart by its attention pool) is converted. Returns a :class:`Conversion` whose ``state`` loads with ``WeakCLIP.load_weakclip_state_dict``
-    into the model that ``released_config`` describes.
+    apart by its attention pool) is converted. Returns a :class:`Conversion` whose ``state`` loads with
+    ``WeakCLIP.load_weakclip_state_dict`` into the model that ``released_config`` describes.
     """
     vision, embed_dim, backbone = (_resnet_vision if RESNET_POOL_TABLE in state else _vit_vision)(
         state, source, vision_heads)

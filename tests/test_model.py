@@ -232,3 +232,21 @@ def test_released_mode_from_clip_weights_resizes_positions_as_released(tiny_clip
     # At a 20 x 20 grid (320 px) two resizes differ from one.
     twice = resize_positions(resize_positions(table, (14, 14), (32, 32)), (32, 32), (20, 20))
     assert (twice - resize_positions(table, (14, 14), (20, 20))).abs().max() > 1e-3
+
+
+def test_released_mode_from_clip_weights_resizes_the_resnet_pool_table_as_released(tiny_resnet_clip_cfg):
+    # Released ResNet: the pool's g x g table (g read from the file) goes to 512 / 32 = 16 x 16 at load.
+    from weakclip.clip import load_clip, resize_positions
+    from weakclip.config import BackboneConfig, ModelConfig
+
+    table = load_clip(tiny_resnet_clip_cfg).visual.attnpool.positional_embedding.detach().clone()
+    old = round((table.shape[0] - 1) ** 0.5)
+    assert old != 16
+    backbone = BackboneConfig(type="clip-resnet")
+    released = build_model(ModelConfig(clip=tiny_resnet_clip_cfg, backbone=backbone, released=True),
+                           ["background", "cat"])
+    default = build_model(ModelConfig(clip=tiny_resnet_clip_cfg, backbone=backbone), ["background", "cat"])
+    pool = released.visual.visual.attnpool.positional_embedding
+    assert pool.shape[0] == 1 + 16 * 16 and released.visual.grid == 16
+    torch.testing.assert_close(pool, resize_positions(table, (old, old), (16, 16)), rtol=0, atol=0)
+    torch.testing.assert_close(default.visual.visual.attnpool.positional_embedding, table, rtol=0, atol=0)

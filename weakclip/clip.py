@@ -304,22 +304,33 @@ def resize_positions(table: Tensor, grid: tuple[int, int], size: tuple[int, int]
 
 
 # The released ViT is built for 512 x 512 inputs: at load it resizes CLIP's position grid once to 512 / p
-# and stores that table; every forward resizes it again to the input's grid (official-code-notes).
+# and stores that table; every forward resizes it again to the input's grid (official-code-notes). The
+# released ResNet does the same to input_resolution / 32; no released ResNet config gives input_resolution,
+# so 512 as for the ViT (and as DenseCLIP's ResNet configs, which it follows).
 RELEASED_INPUT_SIZE = 512
 
 
 def resize_positions_as_released(visual: nn.Module, size: int = RELEASED_INPUT_SIZE) -> None:
-    """Replace a ViT tower's position table (1 + gh * gw, C) by its resize to (size / p)^2 grid cells, in
-    place, as the released code does when it loads CLIP weights. A ResNet tower is left as it is."""
-    grid = getattr(visual, "grid_size", None)
-    if grid is None or not hasattr(visual, "positional_embedding"):
+    """Replace a tower's position table by its resize to the grid of a ``size`` x ``size`` input, in place, as
+    the released code does when it loads CLIP weights: a ViT's (1 + gh * gw, C) table to (size / p)^2 cells,
+    a ResNet attention pool's (1 + g * g, C) table to (size / 32)^2 cells (its old grid read from the table)."""
+    pool = getattr(visual, "attnpool", None)
+    if pool is not None and hasattr(pool, "positional_embedding"):
+        owner, name = pool, "positional_embedding"
+        old = round((pool.positional_embedding.shape[0] - 1) ** 0.5)
+        grid, side = (old, old), size // 32
+    elif getattr(visual, "grid_size", None) is not None and hasattr(visual, "positional_embedding"):
+        owner, name = visual, "positional_embedding"
+        grid, side = tuple(visual.grid_size), size // int(visual.conv1.kernel_size[0])
+    else:
         return
-    side = size // int(visual.conv1.kernel_size[0])
-    if tuple(grid) == (side, side):
+    if grid == (side, side):
         return
-    table = resize_positions(visual.positional_embedding.detach(), tuple(grid), (side, side))
-    visual.positional_embedding = nn.Parameter(table, requires_grad=visual.positional_embedding.requires_grad)
-    visual.grid_size = (side, side)
+    current = getattr(owner, name)
+    table = resize_positions(current.detach(), grid, (side, side))
+    setattr(owner, name, nn.Parameter(table, requires_grad=current.requires_grad))
+    if owner is visual:
+        visual.grid_size = (side, side)
 
 
 def input_stats(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -19,7 +19,7 @@ from conftest import make_data_root, sample_ids, write_tiny_config
 from PIL import Image
 
 import weakclip
-from weakclip.api import ClipES, Refiner, evaluate, load_config, pseudo_masks, seeds
+from weakclip.api import ClipES, Refiner, evaluate, load_config, pseudo_masks, seeds, train
 from weakclip.cli import main
 from weakclip.config import VOC_CLASSES
 from weakclip.engine import save_weights
@@ -78,7 +78,7 @@ def test_refine_gives_the_pseudo_masks_the_command_writes(setup, tmp_path):
     ids, root, config, ckpt, labels = setup
     out = tmp_path / "pm"
     assert main(["pseudo-masks", "--config", str(config), "--checkpoint", str(ckpt), "--output", str(out)]) == 0
-    refiner = Refiner.from_checkpoint(ckpt, config=config, device="cpu")
+    refiner = Refiner.from_checkpoint(ckpt, config=config)  # the device the command picks
     for i in ids:
         path = root / "JPEGImages" / f"{i}.jpg"
         written = _png(out / f"{i}.png")
@@ -88,7 +88,10 @@ def test_refine_gives_the_pseudo_masks_the_command_writes(setup, tmp_path):
         # The same image as a PIL image, an array, and its labels by name: the same bytes.
         names = [NAMES[c] for c in labels[i]]
         assert np.array_equal(refiner.refine(Image.open(path).convert("RGB"), names).mask, written)
-        assert np.array_equal(refiner.refine(np.asarray(Image.open(path).convert("RGB")), names).mask, written)
+        array = np.array(Image.open(path).convert("RGB"))
+        untouched = array.copy()
+        assert np.array_equal(refiner.refine(array, names).mask, written)
+        assert np.array_equal(array, untouched)  # the caller's image is left alone
         assert by_index.classes == (0, *sorted(labels[i]))
         assert by_index.probs.shape == (len(by_index.classes), *written.shape)
         # Renormalised over the kept classes; where they all underflow (pixels marked unknown) less.
@@ -105,7 +108,7 @@ def test_refine_without_crf_and_filter_matches_the_command(setup, tmp_path):
     out = tmp_path / "pm"
     args = ["pseudo-masks", "--config", str(config), "--checkpoint", str(ckpt), "--output", str(out)]
     assert main([*args, *[a for s in sets for a in ("--set", s)]]) == 0
-    refiner = Refiner.from_checkpoint(ckpt, config=config, device="cpu", overrides=sets)
+    refiner = Refiner.from_checkpoint(ckpt, config=config, overrides=sets)
     for i in ids:
         refined = refiner.refine(root / "JPEGImages" / f"{i}.jpg")
         assert np.array_equal(refined.mask, _png(out / f"{i}.png")), i
@@ -118,7 +121,7 @@ def test_seed_gives_the_seeds_the_command_writes(setup, tmp_path):
     ids, root, config, _, labels = setup
     out = tmp_path / "seeds"
     assert main(["seeds", "--config", str(config), "--output", str(out), "--save-cams"]) == 0
-    clip_es = ClipES.from_config(config, device="cpu")
+    clip_es = ClipES.from_config(config)
     for i in ids:
         seed = clip_es.seed(root / "JPEGImages" / f"{i}.jpg", [NAMES[c] for c in labels[i]])
         assert seed.mask.dtype == np.uint8 and np.array_equal(seed.mask, _png(out / f"{i}.png")), i
@@ -139,6 +142,12 @@ def test_stage_functions_return_summaries(setup, tmp_path):
     assert evaluate(cfg, tmp_path / "pm", tmp_path / "pm")["miou"] == 100.0
     assert 0 <= scores["miou"] < 100 and set(scores["per_class"]) == set(NAMES)
     assert dataclasses.asdict(cfg) == before  # the caller's config is left alone
+
+    trained = load_config(config, ["train.iters=2", "train.checkpoint_every=2"])
+    final = train(trained, tmp_path / "run")
+    assert final == tmp_path / "run" / "model.safetensors" and final.is_file()
+    refiner = Refiner.from_checkpoint(final)  # with the config the checkpoint stores
+    assert refiner.config.train.iters == 2 and refiner.config.model == trained.model
 
 
 def test_save_pretrained_then_from_pretrained_gives_identical_logits(setup, tmp_path, monkeypatch):
@@ -202,7 +211,7 @@ def test_a_released_pth_loads_through_from_checkpoint(setup, tmp_path, monkeypat
     ids, root, config, _, labels = setup
     run_cfg = load_config(config)
     before = dataclasses.asdict(run_cfg)
-    refiner = Refiner.from_checkpoint(pth, config=run_cfg, device="cpu")
+    refiner = Refiner.from_checkpoint(pth, config=run_cfg)
     assert dataclasses.asdict(run_cfg) == before  # the released model section replaces a copy's only
     assert refiner.config.model.released and refiner.config.infer.view_resize == "cv2"
     direct, _, _ = load_released(pth, load_config("voc"), **HEADS)
@@ -215,7 +224,7 @@ def test_a_released_pth_loads_through_from_checkpoint(setup, tmp_path, monkeypat
     i = ids[0]
     assert np.array_equal(refiner.refine(root / "JPEGImages" / f"{i}.jpg", labels[i]).mask, _png(out / f"{i}.png"))
     # Saved, a released model keeps its CLIP weights and travels as it is.
-    again = Refiner.from_pretrained(refiner.save_pretrained(tmp_path / "saved"), device="cpu")
+    again = Refiner.from_pretrained(refiner.save_pretrained(tmp_path / "saved"))
     assert torch.equal(again.logits(images), refiner.logits(images))
     assert "CLIP weights: stored in the checkpoint" in (tmp_path / "saved" / "README.md").read_text()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -307,7 +308,7 @@ class Refiner:
                     ) -> Iterator[Refined]:
         """:meth:`refine` over ``images`` (with one labels entry per image, or none), yielded in order as each
         is done; windows go through the network ``infer.batch_size`` at a time across each image's views."""
-        labels = labels if labels is not None else iter(lambda: None, 0)  # endless Nones
+        labels = labels if labels is not None else itertools.repeat(None)
         for image, image_labels in zip(images, labels):
             yield self.refine(image, image_labels)
 

@@ -164,7 +164,7 @@ def test_save_pretrained_then_from_pretrained_gives_identical_logits(setup, tmp_
     assert np.array_equal(local.refine(path, labels[ids[0]]).mask, mask)
     assert local.config == refiner.config
     card = (folder / "README.md").read_text()
-    for fact in ("library_name: weakclip", "aeroplane, bicycle", "random init (seed", "scales [0.75, 1.0]",
+    for fact in ("library_name: weakclip", "aeroplane, bicycle", "random init (seed", "scales [0.75, 1.0]", "ClipViT",
                  "seeds: files", "| pseudo-mask mIoU | 0.5 |", "dense CRF: True"):
         assert fact in card, fact
 

@@ -325,12 +325,13 @@ class Refiner:
         folder = Path(folder)
         save_weights(folder / WEIGHTS, self.model, checkpoint_metadata(self.config))
         write_text_atomic(folder / CONFIG, dump_config(self.config))
-        write_text_atomic(folder / MODEL_CARD, model_card(self.config, metrics))
+        write_text_atomic(folder / MODEL_CARD, model_card(self.config, self.model, metrics))
         return folder
 
 
-def model_card(cfg: Config, metrics: dict[str, float] | None = None) -> str:
-    """The README.md of a save_pretrained folder: what the model is, what made it and how it infers."""
+def model_card(cfg: Config, model: torch.nn.Module, metrics: dict[str, float] | None = None) -> str:
+    """The README.md of a save_pretrained folder: what ``model`` (built from ``cfg``) is, what made it and
+    how it infers."""
     from .infer import clip_weights_identity
 
     m, t, i, d = cfg.model, cfg.train, cfg.infer, cfg.data
@@ -345,7 +346,8 @@ def model_card(cfg: Config, metrics: dict[str, float] | None = None) -> str:
         'refined = refiner.refine("image.jpg", labels=[...])  # refined.mask: (H, W) uint8', "```", "",
         "## Model", "",
         f"- classes ({len(d.class_names)}, background first): {', '.join(d.class_names)}",
-        f"- CLIP: {clip}; backbone `{m.backbone.type}`, taps {m.backbone.taps}; released mode: {m.released}",
+        f"- CLIP: {clip}; image backbone {type(model.visual).__name__} (`{m.backbone.type}`), taps "
+        f"{getattr(model.visual, 'taps', m.backbone.taps)}; released mode: {m.released}",
         f"- CLIP weights: {clip_weights_identity(m.clip)}",
         f"- co-attention: `{m.co_attention.type}`; learnable prompts: {m.learnable_prompts} ({m.n_ctx} tokens); "
         f"decoder channels: {m.decoder_channels}",

@@ -423,11 +423,18 @@ def crf_seed(cams: np.ndarray, image: np.ndarray, labels: Sequence[int], cfg: Se
     return label
 
 
+def seed_from_cams(cams: np.ndarray, image: np.ndarray | None, labels: Sequence[int], cfg: SeedsConfig,
+                   ignore_index: int = 255) -> np.ndarray:
+    """(H, W) uint8 seed from CAMs (K, H, W) in ``labels`` order: the CRF seed with ``cfg.crf`` (which needs
+    the (H, W, 3) uint8 RGB image), else the argmax seed (which does not)."""
+    if cfg.crf:
+        return crf_seed(cams, image, labels, cfg, ignore_index)
+    return seed_without_crf(cams, labels, cfg.bg_power)
+
+
 def make_seed(method: ClipES, image: np.ndarray, labels: Sequence[int], ignore_index: int = 255
               ) -> tuple[np.ndarray, np.ndarray]:
-    """(seed (H, W) uint8, CAMs (K, H, W) float16) for one image: CRF seed, or argmax seed without CRF."""
+    """(seed (H, W) uint8, CAMs (K, H, W) float16) for one image, as ``weakclip seeds`` writes them."""
     cams = method.cams(image, labels)
     labels = method.check_labels(labels, "labels")
-    if method.cfg.crf:
-        return crf_seed(cams, image, labels, method.cfg, ignore_index), cams
-    return seed_without_crf(cams, labels, method.cfg.bg_power), cams
+    return seed_from_cams(cams, image, labels, method.cfg, ignore_index), cams

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .clip import load_clip
-from .clip_es import ClipES, crf_seed, seed_without_crf
+from .clip_es import ClipES, seed_from_cams
 from .config import Config
 from .data.datasets import Sample, labels_source, list_samples, load_image
 from .data.masks import write_mask
@@ -63,11 +63,8 @@ def seeds_manifest(cfg: Config, split: str, samples: Sequence[Sample], save_cams
 def _finish(job: tuple) -> str:
     """Worker: the CRF seed (or the plain argmax seed) of one image, written atomically. Returns its id."""
     sample_id, cams, image_path, labels, settings, ignore_index, out_path = job
-    if settings.crf:
-        seed = crf_seed(cams, load_image(image_path), labels, settings, ignore_index)
-    else:
-        seed = seed_without_crf(cams, labels, settings.bg_power)
-    write_mask(out_path, seed)
+    image = load_image(image_path) if settings.crf else None  # only the CRF looks at the image
+    write_mask(out_path, seed_from_cams(cams, image, labels, settings, ignore_index))
     return sample_id
 
 

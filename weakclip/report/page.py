@@ -59,7 +59,7 @@ function el(tag, attrs, text){
 }
 function higherBetter(key){
   if (key === "problems") return false;
-  if (key === "id") return false;
+  if (key === "id") return true;  // "worst first" on ids: alphabetical
   if (key.startsWith("iou:")) return true;
   return SCORES[key][1];
 }
@@ -280,7 +280,7 @@ def render_page(data: dict) -> str:
 <label>sort <select id="sort"></select></label><button id="order" type="button">worst first</button>
 <label>class <select id="class-filter"></select></label>
 <label>text <input id="text-filter" type="search" placeholder="id, class or problem"></label>
-<label>rows per page <select id="page-size"><option>25</option><option selected>50</option><option>100</option><option>500</option></select></label>
+<label>rows per page <select id="page-size"><option value="25">25</option><option value="50" selected>50</option><option value="100">100</option><option value="500">500</option></select></label>
 <button id="prev" type="button">&larr;</button><span id="page"></span><button id="next" type="button">&rarr;</button>
 <span id="count"></span>
 </div>

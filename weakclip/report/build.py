@@ -5,7 +5,7 @@ Layout of the output folder (everything relative, so it opens from a copy or a f
     index.html               the page (scripts, styles and the per-image data inline)
     report.json              the same data: rows, per-class table, confusion, problems, protocol card
     images/<id>.<ext>        the images, copied
-    full/<layer>/<id>.png    each label map in the dataset's palette, full size
+    full/<layer>/<id>.png    each label map in the dataset's palette, full size, background (0) transparent
     thumbs/<layer>/<id>.*    thumbnails (longest side THUMB_SIZE) of the image and of each label map
 
 Bad input never stops the build: a missing or unreadable file, a label map whose size differs from its
@@ -58,15 +58,15 @@ def _heat_palette() -> list[int]:
 _HEAT = _heat_palette()
 
 
-def _save_paletted(index: np.ndarray, palette: list[int], full: Path | None, thumb: Path, size: tuple[int, int]
-                   ) -> None:
+def _save_paletted(index: np.ndarray, palette: list[int], full: Path, thumb: Path, size: tuple[int, int],
+                   transparent: int | None = None) -> None:
     """(H, W) uint8 palette indices -> ``full`` (as is) and ``thumb`` (nearest-resized to ``size``, PIL's
-    (width, height)), both palette PNGs."""
+    (width, height)), both palette PNGs; index ``transparent`` (background) is see-through in overlays."""
     im = Image.fromarray(index, "P")
     im.putpalette(palette)
-    if full is not None:
-        im.save(full, format="PNG", compress_level=1)
-    im.resize(size, Image.Resampling.NEAREST).save(thumb, format="PNG", compress_level=1)
+    extra = {} if transparent is None else {"transparency": transparent}
+    im.save(full, format="PNG", compress_level=1, **extra)
+    im.resize(size, Image.Resampling.NEAREST).save(thumb, format="PNG", compress_level=1, **extra)
 
 
 def _thumb_size(w: int, h: int) -> tuple[int, int]:
@@ -207,7 +207,7 @@ class _Builder:
             maps[layer.key] = data
             thumb_size = _thumb_size(data.shape[1], data.shape[0])
             _save_paletted(data, _PALETTE, self.out / "full" / layer.key / f"{image_id}.png",
-                           self.out / "thumbs" / layer.key / f"{image_id}.png", thumb_size)
+                           self.out / "thumbs" / layer.key / f"{image_id}.png", thumb_size, transparent=0)
             row["layers"][layer.key] = {"full": f"full/{layer.key}/{image_id}.png",
                                         "thumb": f"thumbs/{layer.key}/{image_id}.png"}
         present = set(row.pop("cam_classes", []))

@@ -33,7 +33,7 @@ th{background:#f4f4f4}td.num,th.num{text-align:right;font-variant-numeric:tabula
 #confusion td{width:14px;height:14px;padding:0;border:1px solid #fff;font-size:9px;text-align:center}
 #confusion th{font-size:10px;font-weight:normal;white-space:nowrap}
 #confusion th.col{writing-mode:vertical-rl;transform:rotate(180deg)}
-#viewer{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);z-index:10;color:#fff;overflow:auto}
+#viewer{display:none;position:fixed;top:0;left:0;right:0;bottom:0;background:#111;z-index:10;color:#fff;overflow:auto}
 #viewer.open{display:block}#viewer .bar{padding:8px;background:#222;position:sticky;top:0}
 #viewer .bar>*{margin-right:12px}#viewer .bar button{cursor:pointer}
 #viewer .frame{position:relative;display:inline-block;margin:12px;line-height:0}

@@ -259,7 +259,7 @@ def _tiny_dataset(root: Path) -> list[str]:
 
 @pytest.fixture
 def tiny(tmp_path):
-    for sub in ("img", "gt", "pred", "cams"):
+    for sub in ("img", "gt", "pred", "cams", "seeds"):
         (tmp_path / sub).mkdir()
     return tmp_path, _tiny_dataset(tmp_path)
 
@@ -294,6 +294,46 @@ def test_bad_input_is_named_and_counted_not_fatal(tiny, browser):
     assert len(shown_ids(browser)) == 5
     assert "unknown class index 30" in browser.find_element("css selector", '#rows tr[data-id="d_unknown"]').text
     assert console_errors(browser) == []
+
+
+def test_without_ground_truth_scores_against_the_seeds(tiny):
+    root, _ = tiny
+    seeds = np.zeros((30, 40), np.uint8)
+    seeds[:, 20:] = CAT
+    seeds[:, 18:22] = 255  # unsure band: not counted in the agreement
+    write_mask(root / "seeds" / "a_ok.png", seeds)
+    pred = seeds.copy()
+    pred[:, 18:22] = CAT
+    pred[:, 30:] = 0  # 10 of the seeds' 18 sure cat columns lost
+    pred[:3] = 255  # 3 of 30 rows unsure
+    write_mask(root / "pred" / "a_ok.png", pred)
+    build_report(root / "img", root / "pred", root / "out", VOC_CLASSES, seeds_dir=root / "seeds", ids=["a_ok"],
+                 progress=False)
+    data = json.loads((root / "out" / "report.json").read_text())
+    scores = data["rows"][0]["scores"]
+    assert "pred_miou" not in scores and data["class_table"]["reference"] == "seeds"
+    sure = 30 * 36  # pixels outside the band
+    agree = 27 * 36 - 27 * 10  # sure pixels of the rows not set to 255, minus the lost cat columns
+    assert scores["seed_agreement"] == pytest.approx(100 * agree / sure, abs=1e-3)
+    assert scores["unsure"] == pytest.approx(10.0)
+    # against the seeds, their 255 band left out: background 30 x 18 in the seeds, predicted on 27 rows of
+    # its 18 columns plus the 10 lost ones; cat 30 x 18 in the seeds, predicted on 27 rows of 8 columns
+    bkg_i, bkg_u = 27 * 18, 30 * 18 + 27 * 10
+    cat_i, cat_u = 27 * 8, 30 * 18
+    assert scores["pred_vs_seeds_miou"] == pytest.approx(50 * (bkg_i / bkg_u + cat_i / cat_u), abs=1e-3)
+
+
+def test_unknown_class_in_ground_truth_leaves_the_image_unscored(tiny):
+    root, _ = tiny
+    gt = read_mask(root / "gt" / "a_ok.png")
+    gt[0, 0] = 99
+    write_mask(root / "gt" / "a_ok.png", gt)
+    summary = build_report(root / "img", root / "pred", root / "out", VOC_CLASSES, gt_dir=root / "gt",
+                           ids=["a_ok"], progress=False)
+    row = json.loads((root / "out" / "report.json").read_text())["rows"][0]
+    assert summary["problems"] == {"unknown_class": 1}
+    assert "unknown class index 99" in row["problems"][0]["text"] and "left unscored" in row["problems"][0]["text"]
+    assert "pred_miou" not in row["scores"] and "gt" in row["layers"]
 
 
 def test_evaluate_json_records_the_protocol_card_and_writes_the_report(tiny, capsys):

@@ -229,6 +229,30 @@ def test_sample_report_in_chromium_rows_sort_filter_viewer(sample_report, browse
     assert console_errors(browser) == []
 
 
+def test_ten_thousand_rows_are_paged(tmp_path, browser):
+    # Page-only data (no image files): the script renders one page of rows at a time.
+    from weakclip.report.page import render_page
+
+    n = 10_000
+    rows = [{"id": f"img{i:05d}", "image": None, "thumb": None, "layers": {}, "classes": [0, 1 + i % 20],
+             "scores": {"pred_miou": (i * 7919) % n / 10}, "class_iou": {}, "problems": [], "size": None}
+            for i in range(n)]
+    data = {"classes": list(VOC_CLASSES), "colors": ["#000000"] * K, "ignore_color": "#e0e0c0", "ignore_index": 255,
+            "layers": [{"key": "pred", "title": "pseudo masks", "folder": "-"}], "images_dir": "-", "problems": {},
+            "class_table": None, "card": None, "rows": rows}
+    (tmp_path / "index.html").write_text(render_page(data))
+    open_page(browser, tmp_path / "index.html")
+    assert browser.find_element("id", "count").text == f"{n} of {n} images"
+    assert browser.find_element("id", "page").text == "page 1 of 200"
+    assert shown_scores(browser, "pred_miou") == [i / 10 for i in range(50)]  # 7919 is prime: a permutation
+    browser.find_element("id", "next").click()
+    assert shown_scores(browser, "pred_miou") == [i / 10 for i in range(50, 100)]
+    select(browser, "class-filter", str(CAT))
+    assert browser.find_element("id", "count").text == f"{n // 20} of {n} images"
+    assert len(shown_ids(browser)) == 50 and browser.find_element("id", "page").text == "page 1 of 10"
+    assert console_errors(browser) == []
+
+
 # ----------------------------------------------------------------------------------------- bad input
 
 
@@ -334,6 +358,20 @@ def test_unknown_class_in_ground_truth_leaves_the_image_unscored(tiny):
     assert summary["problems"] == {"unknown_class": 1}
     assert "unknown class index 99" in row["problems"][0]["text"] and "left unscored" in row["problems"][0]["text"]
     assert "pred_miou" not in row["scores"] and "gt" in row["layers"]
+
+
+def test_without_an_image_the_first_label_map_sets_the_size(tiny):
+    root, _ = tiny
+    write_mask(root / "gt" / "e_noimage.png", np.zeros((10, 20), np.uint8))
+    (root / "cams" / "e_noimage.npz").write_bytes(b"not a zip archive")
+    summary = build_report(root / "img", root / "pred", root / "out", VOC_CLASSES, gt_dir=root / "gt",
+                           cams_dir=root / "cams", ids=["e_noimage"], progress=False)
+    assert summary["problems"] == {"missing": 1, "size": 1, "unreadable": 1}
+    row = json.loads((root / "out" / "report.json").read_text())["rows"][0]
+    texts = " | ".join(p["text"] for p in row["problems"])
+    assert f"{root / 'gt' / 'e_noimage.png'}: ground truth is 20x10 (WxH) but the first label map is 40x30" in texts
+    assert str(root / "cams" / "e_noimage.npz") in texts
+    assert row["size"] == [40, 30] and set(row["layers"]) == {"pred"} and row["scores"] == {"unsure": 0.0}
 
 
 def test_evaluate_json_records_the_protocol_card_and_writes_the_report(tiny, capsys):

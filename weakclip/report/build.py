@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,12 +143,13 @@ class _Builder:
                     row["cam_classes"] = [int(c) for c in z["classes"]]
                 return cams
             mask = read_mask(path)
-        except (WeakclipError, OSError, KeyError, ValueError) as exc:
+        except (WeakclipError, OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             self._problem(row, "unreadable", f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc))
             return None
         if size is not None and (mask.shape[1], mask.shape[0]) != size:
-            self._problem(row, "size", f"{path}: {layer.title} is {mask.shape[1]}x{mask.shape[0]} (WxH) but the "
-                                       f"image is {size[0]}x{size[1]}; not shown, not scored")
+            of = "the image" if row["image"] else "the first label map"
+            self._problem(row, "size", f"{path}: {layer.title} is {mask.shape[1]}x{mask.shape[0]} (WxH) but {of} "
+                                       f"is {size[0]}x{size[1]}; not shown, not scored")
             return None
         bad = np.unique(mask[(mask >= self.k) & (mask != self.ignore)])
         if bad.size:
@@ -205,6 +207,8 @@ class _Builder:
                 row["layers"]["cams"] = self._write_cams(image_id, data, size)
                 continue
             maps[layer.key] = data
+            if size is None:  # no image: the first label map sets the size the others must have
+                size = (data.shape[1], data.shape[0])
             thumb_size = _thumb_size(data.shape[1], data.shape[0])
             _save_paletted(data, _PALETTE, self.out / "full" / layer.key / f"{image_id}.png",
                            self.out / "thumbs" / layer.key / f"{image_id}.png", thumb_size, transparent=0)
@@ -214,10 +218,7 @@ class _Builder:
         for mask in maps.values():
             present.update(int(c) for c in np.unique(mask) if c < self.k)
         row["classes"] = sorted(present)
-        if size is None and maps:  # no image: the label maps themselves are shown
-            row["size"] = [int(next(iter(maps.values())).shape[1]), int(next(iter(maps.values())).shape[0])]
-        else:
-            row["size"] = list(size) if size else None
+        row["size"] = list(size) if size else None
         self._score(row, maps)
         return row
 

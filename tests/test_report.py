@@ -346,6 +346,14 @@ def test_without_ground_truth_scores_against_the_seeds(tiny):
     cat_i, cat_u = 27 * 8, 30 * 18
     assert scores["pred_vs_seeds_miou"] == pytest.approx(50 * (bkg_i / bkg_u + cat_i / cat_u), abs=1e-3)
 
+    seeds[0, 0] = 77  # an unknown class in the seeds standing in for the ground truth: named, never a crash
+    write_mask(root / "seeds" / "a_ok.png", seeds)
+    summary = build_report(root / "img", root / "pred", root / "out", VOC_CLASSES, seeds_dir=root / "seeds",
+                           ids=["a_ok"], progress=False)
+    assert summary["problems"] == {"unknown_class": 1}
+    scores = json.loads((root / "out" / "report.json").read_text())["rows"][0]["scores"]
+    assert "pred_vs_seeds_miou" not in scores and scores["seed_agreement"] < 100
+
 
 def test_unknown_class_in_ground_truth_leaves_the_image_unscored(tiny):
     root, _ = tiny

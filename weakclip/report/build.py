@@ -153,7 +153,7 @@ class _Builder:
             return None
         bad = np.unique(mask[(mask >= self.k) & (mask != self.ignore)])
         if bad.size:
-            what = "left unscored" if layer.key == "gt" else "scored as a miss"
+            what = "the image is left unscored" if layer.key == self.reference else "scored as a miss"
             self._problem(row, "unknown_class", f"{path}: unknown class index {', '.join(map(str, bad[:5].tolist()))}"
                                                 f" (classes are 0..{self.k - 1}, {self.ignore} = ignore); {what}")
         return mask
@@ -174,6 +174,8 @@ class _Builder:
         if gt is not None and ((gt >= self.k) & (gt != self.ignore)).any():
             gt = None  # named as a problem; scoring against it would be meaningless
         ref = gt if gt is not None else (seeds if self.reference == "seeds" else None)
+        if ref is seeds and seeds is not None and ((seeds >= self.k) & (seeds != self.ignore)).any():
+            ref = None  # the same for seeds standing in for the ground truth
         if pred is not None:
             scores["unsure"] = _json_float(_pct(int((pred == self.ignore).sum()), pred.size))
             if ref is not None:

@@ -417,3 +417,17 @@ def test_report_command_bad_folder_is_one_line_and_writes_nothing(tiny, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"weakclip: error: {root / 'nope'}: folder not found"
     assert not (root / "out").exists()
+
+
+def test_card_falls_back_to_the_config_and_knows_retrained_segmenters(tmp_path):
+    from weakclip.config import load_config
+    from weakclip.report import protocol_card
+
+    cfg = load_config("voc-sample-cpu", ["infer.flip=false"])
+    card = protocol_card(cfg, "voc-sample-cpu", ["infer.flip=false"], pred_dir=tmp_path, command=["report"])
+    assert card["source"] == "config" and card["checkpoint"] is None and card["command"] == "weakclip report"
+    assert card["clip"]["weights"].startswith("random init") and card["flip"] is False
+    assert card["scales"] == cfg.infer.scales and card["crf"]["bilateral_srgb"] == cfg.infer.crf_params.bilateral_srgb
+    (tmp_path / "manifest.json").write_text(json.dumps({"checkpoint_sha256": "ef" * 32, "refiner": None}))
+    card = protocol_card(cfg, "voc-sample-cpu", pred_dir=tmp_path, command=["report"])
+    assert card["clip"]["weights"].startswith("none") and card["checkpoint"] == {"sha256": "ef" * 32}

@@ -39,7 +39,9 @@ def _manifest(pred_dir: Path | None) -> dict:
 
 def _clip_identity(cfg: Config, manifest: dict) -> str:
     """The CLIP weights the label maps were made with: the manifest's record, else the config's weights."""
-    refiner = manifest.get("refiner")
+    refiner = manifest.get("refiner", {})
+    if refiner is None:  # written by a retrained segmenter: no CLIP made these maps
+        return "none (the maps' manifest records no refiner)"
     if isinstance(refiner, dict) and refiner.get("clip_weights"):
         return str(refiner["clip_weights"])
     from ..infer import clip_weights_identity

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from weakclip.cli import main
-from weakclip.config import VOC_CLASSES
+from weakclip.config import VOC_CLASSES, load_config
 from weakclip.data.masks import read_mask, write_mask
 from weakclip.report import build_report
 
@@ -417,10 +417,15 @@ def test_report_command_bad_folder_is_one_line_and_writes_nothing(tiny, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"weakclip: error: {root / 'nope'}: folder not found"
     assert not (root / "out").exists()
+    code = main(["evaluate", "--pred", str(root / "gt"), "--gt", str(root / "gt"), "--config", "voc",
+                 "--json", str(root / "eval.json"), "--report", str(root / "out")])
+    err = capsys.readouterr().err.strip()
+    images = Path(load_config("voc").data.root) / "JPEGImages"
+    assert code == 2 and err == f"weakclip: error: {images}: image folder for --report not found (give --images)"
+    assert not (root / "eval.json").exists() and not (root / "out").exists()
 
 
 def test_card_falls_back_to_the_config_and_knows_retrained_segmenters(tmp_path):
-    from weakclip.config import load_config
     from weakclip.report import protocol_card
 
     cfg = load_config("voc-sample-cpu", ["infer.flip=false"])

@@ -111,6 +111,9 @@ def cmd_evaluate(args) -> None:
 
     cfg = _config(args)
     ids = _read_ids(args.list)
+    images = args.images or str(Path(cfg.data.root) / cfg.data.images_dir)
+    if args.report and not Path(images).is_dir():  # fail before any output is written
+        raise WeakclipError(f"{images}: image folder for --report not found (give --images)")
     result = evaluate_dirs(args.pred, args.gt, cfg.data.class_names, ids=ids, ignore_index=cfg.data.ignore_index)
     print(result.markdown())
     card = protocol_card(cfg, args.config, args.overrides, pred_dir=args.pred, list_path=args.list,
@@ -121,7 +124,6 @@ def cmd_evaluate(args) -> None:
         for path in save_plots(result, cfg.data.class_names, args.plot):
             print(f"plot: {path}")
     if args.report:
-        images = args.images or str(Path(cfg.data.root) / cfg.data.images_dir)
         summary = build_report(images, args.pred, args.report, cfg.data.class_names, gt_dir=args.gt, ids=ids,
                                ignore_index=cfg.data.ignore_index, card=card)
         print(f"report: {summary['index']}")

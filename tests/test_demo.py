@@ -42,6 +42,8 @@ def test_shortened_demo_writes_report_masks_and_grids(tmp_path):
     assert abs(report["seeds_miou"] - _miou(out / "data" / "Seeds", gt, ids, 5)) < 1e-6
     assert abs(report["pseudo_mask_miou"] - _miou(out / "pseudo_masks", gt, ids, 5)) < 1e-6
     assert len(list((out / "grids").glob("*.png"))) == 6
+    page = (out / "report" / "index.html").read_text()
+    assert report["html_report"] == str(out / "report" / "index.html") and all(i in page for i in ids)
     assert (out / "train" / "model.safetensors").is_file() and (out / "train" / "metrics.csv").is_file()
     assert 0 < report["seconds"] < 600
 

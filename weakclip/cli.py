@@ -107,16 +107,39 @@ def _read_ids(path: str | None) -> list[str] | None:
 def cmd_evaluate(args) -> None:
     from .fileio import write_text_atomic
     from .metrics import evaluate_dirs, save_plots
+    from .report import build_report, protocol_card
 
     cfg = _config(args)
-    result = evaluate_dirs(args.pred, args.gt, cfg.data.class_names, ids=_read_ids(args.list),
-                           ignore_index=cfg.data.ignore_index)
+    ids = _read_ids(args.list)
+    images = args.images or str(Path(cfg.data.root) / cfg.data.images_dir)
+    if args.report and not Path(images).is_dir():  # fail before any output is written
+        raise WeakclipError(f"{images}: image folder for --report not found (give --images)")
+    result = evaluate_dirs(args.pred, args.gt, cfg.data.class_names, ids=ids, ignore_index=cfg.data.ignore_index)
     print(result.markdown())
+    card = protocol_card(cfg, args.config, args.overrides, pred_dir=args.pred, list_path=args.list,
+                         command=args.argv)
     if args.json:
-        write_text_atomic(args.json, json.dumps(result.to_json_dict(), indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(result.to_json_dict(card), indent=1) + "\n")
     if args.plot:
         for path in save_plots(result, cfg.data.class_names, args.plot):
             print(f"plot: {path}")
+    if args.report:
+        summary = build_report(images, args.pred, args.report, cfg.data.class_names, gt_dir=args.gt, ids=ids,
+                               ignore_index=cfg.data.ignore_index, card=card)
+        print(f"report: {summary['index']}")
+
+
+def cmd_report(args) -> None:
+    from .report import build_report, protocol_card
+
+    cfg = _config(args)
+    card = protocol_card(cfg, args.config, args.overrides, pred_dir=args.pred, list_path=args.list,
+                         command=args.argv)
+    summary = build_report(args.images, args.pred, args.output, cfg.data.class_names, seeds_dir=args.seeds,
+                           gt_dir=args.gt, cams_dir=args.cams, ids=_read_ids(args.list),
+                           ignore_index=cfg.data.ignore_index, card=card)
+    problems = ", ".join(f"{n} {kind}" for kind, n in summary["problems"].items()) or "none"
+    print(f"report: {summary['index']} ({summary['images']} images; problems: {problems})")
 
 
 def cmd_visualize(args) -> None:
@@ -221,7 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", help="file of ids to score (default: every prediction)")
     p.add_argument("--json", help="write the scores as JSON here")
     p.add_argument("--plot", help="write a confusion-matrix plot and a per-class bar chart into this folder")
+    p.add_argument("--report", metavar="DIR", help="also write the HTML report of --pred and --gt into this folder")
+    p.add_argument("--images", help="images for --report (default: the config's data.root/data.images_dir)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="self-contained HTML report: images, seeds, CAMs, pseudo masks, ground truth")
+    p.add_argument("--images", required=True, help="folder of <id>.jpg (or .png) images")
+    p.add_argument("--pred", required=True, help="folder of label PNGs to inspect (pseudo masks, predictions)")
+    p.add_argument("--seeds", help="folder of seed PNGs")
+    p.add_argument("--gt", help="folder of ground-truth PNGs")
+    p.add_argument("--cams", help="folder of <id>.npz CAMs (`weakclip seeds --save-cams` writes OUTPUT/cams)")
+    p.add_argument("--list", help="file of ids, one row each (default: every PNG in --pred)")
+    _add_config(p)
+    p.add_argument("--output", required=True, help="report folder (index.html, images, overlays); replaced whole")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("visualize", help="side-by-side grids: image and label maps")
     p.add_argument("--images", required=True)
@@ -288,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # the protocol card's command
     try:
         args.func(args)
     except WeakclipError as exc:

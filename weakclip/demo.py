@@ -82,6 +82,9 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
             _run(["evaluate", "--pred", str(pred), "--gt", str(gt), "--config", str(config), "--list",
                   str(listing), "--json", str(out / f"eval_{name}.json")])
             scores[name] = json.loads((out / f"eval_{name}.json").read_text())["miou"]
+    _run(["report", "--images", str(root / "JPEGImages"), "--pred", str(masks), "--seeds", str(seeds_dir),
+          *(["--gt", str(gt)] if gt.is_dir() else []), "--list", str(listing), "--config", str(config),
+          "--output", str(out / "report")])
     shown = [(seeds_dir, "seeds"), (masks, "pseudo mask")] + ([(gt, "ground truth")] if gt.is_dir() else [])
     _run(["visualize", "--images", str(root / "JPEGImages"), "--masks", *(str(d) for d, _ in shown),
           "--titles", *(t for _, t in shown), "--output", str(out / "grids"), "--num", "8"])
@@ -95,6 +98,7 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
         "weights": str(run / "model.safetensors"),
         "pseudo_masks": str(masks),
         "grids": str(out / "grids"),
+        "html_report": str(out / "report" / "index.html"),
         "training_log": str(run / "metrics.csv"),
     }
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")

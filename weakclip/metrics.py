@@ -79,9 +79,10 @@ class EvalResult:
     confusion: np.ndarray
     unassigned: np.ndarray
 
-    def to_json_dict(self) -> dict:
-        """A JSON-ready dict (NaN written as None, i.e. null); the matrix is left out."""
-        return {
+    def to_json_dict(self, protocol: dict | None = None) -> dict:
+        """A JSON-ready dict (NaN written as None, i.e. null); the matrix is left out. ``protocol``: the
+        protocol card (:func:`weakclip.report.protocol_card`), recorded under ``"protocol"`` when given."""
+        out = {
             "miou": _json_float(self.miou),
             "per_class": {
                 name: {key: _json_float(value) for key, value in scores.items()}
@@ -91,6 +92,9 @@ class EvalResult:
             "predicted_255_share": _json_float(self.ignored_prediction_share),
             "num_images": self.num_images,
         }
+        if protocol is not None:
+            out["protocol"] = protocol
+        return out
 
     def markdown(self) -> str:
         """Two Markdown tables: per-class IoU in one row as in the paper's Table 6, then IoU/precision/recall."""

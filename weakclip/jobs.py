@@ -160,6 +160,8 @@ class OutputFolder:
     def open(self) -> RenameGuard:
         """Check the folder, reset it when allowed, write the manifest, hold the writers' lock; returns the
         guard every write into the folder passes."""
+        if self.path.is_dir() and not (self.path / MANIFEST).exists():
+            self._check_empty()  # before creating the lock files: a refused folder is left exactly as it was
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / SETUP_LOCK, "a") as setup:
             self._lock(setup, fcntl.LOCK_EX)
@@ -195,7 +197,7 @@ class OutputFolder:
         """A folder without a manifest must hold nothing but our lock and temporary files."""
         entries = [p for p in self.path.iterdir()
                    if p.name not in (SETUP_LOCK, WRITERS_LOCK) and not p.name.startswith(TMP_PREFIX)]
-        if entries:
+        if entries and not (self.path / MANIFEST).exists():  # (a job starting beside us may have just written it)
             folders = sum(p.is_dir() for p in entries)
             what = f"{len(entries) - folders} file{'s' * (len(entries) - folders != 1)}"
             if folders:

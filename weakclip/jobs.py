@@ -421,7 +421,7 @@ def run_jobs(folder: OutputFolder, samples: Sequence[Sample], done: Callable[[Sa
             if result["missing"] == 0:
                 seconds = time.time() - started
                 run = {"written": result["written"], "skipped": result["skipped"], "processes": info.world_size,
-                       "shard": str(shard), "workers": workers, "seconds": round(seconds, 1),
+                       "shard": str(shard), "crf_workers": workers, "seconds": round(seconds, 1),
                        "images_per_s": round(result["written"] / seconds, 3)}
                 with atomic_path(folder.path / SUMMARY, guard) as tmp:
                     tmp.write_text(json.dumps({"images": len(samples), "last_run": run}, indent=1) + "\n")

@@ -411,8 +411,9 @@ def run_jobs(folder: OutputFolder, samples: Sequence[Sample], done: Callable[[Sa
     try:
         todo, guard = run_once(prepare, info)
         mine = [share[i] for i in launch_share(info).take(todo)]
-        images = _prefetch(lambda s: load_image(s.image), mine)
-        finish_jobs(make_jobs(images, guard), len(mine), workers, finish, info, desc, progress)
+        # make_jobs may set up its model (and fail in one line) before the progress bar starts; not when idle.
+        jobs = make_jobs(_prefetch(lambda s: load_image(s.image), mine), guard) if mine else iter(())
+        finish_jobs(jobs, len(mine), workers, finish, info, desc, progress)
         counts = all_reduce_sum(torch.tensor([len(mine)], device=info.device), info)  # waits for every rank
         result = {"output": str(folder.path), "written": int(counts[0]), "skipped": len(share) - len(todo)}
         if info.is_main:

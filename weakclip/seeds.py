@@ -91,14 +91,17 @@ def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_
     folder = OutputFolder(out, "seeds", settings, ("*.png", "cams", "summary.json"), reset, reset_flag)
 
     def jobs(images: Iterator[tuple[Sample, np.ndarray]], guard: RenameGuard) -> Iterator[tuple]:
-        method = None
-        for s, image in images:
-            method = method or ClipES(load_clip(cfg.model.clip), cfg.data.class_names, cfg.seeds, info.device)
-            labels = method.check_labels(s.labels, f"{_labels_where(cfg)}: {s.id}")
-            cams = method.cams(image, labels)
-            if keep_cams:
-                save_cams(out / "cams" / f"{s.id}.npz", cams, labels, guard)
-            yield s.id, cams, s.image, labels, cfg.seeds, cfg.data.ignore_index, out / f"{s.id}.png", guard
+        method = ClipES(load_clip(cfg.model.clip), cfg.data.class_names, cfg.seeds, info.device)
+
+        def each() -> Iterator[tuple]:
+            for s, image in images:
+                labels = method.check_labels(s.labels, f"{_labels_where(cfg)}: {s.id}")
+                cams = method.cams(image, labels)
+                if keep_cams:
+                    save_cams(out / "cams" / f"{s.id}.npz", cams, labels, guard)
+                yield s.id, cams, s.image, labels, cfg.seeds, cfg.data.ignore_index, out / f"{s.id}.png", guard
+
+        return each()
 
     summary = run_jobs(folder, samples, lambda s: (out / f"{s.id}.png").is_file(), jobs, _finish,
                        cfg.seeds.crf_workers if cfg.seeds.crf else 0, info, "seeds", shard, progress)

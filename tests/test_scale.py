@@ -96,7 +96,7 @@ def test_crf_queue_applies_back_pressure(tmp_path):
             probs = rng.dirichlet([1, 1], size=(48, 64)).transpose(2, 0, 1).astype(np.float32)
             image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
             job = (f"im{i}", probs, [0, 5], image, np.zeros((48, 64), bool), tmp_path / f"im{i}.png",
-                   CRFConfig(), 255)
+                   CRFConfig(), 255, None)
             finished += pool.submit(job)
             submitted.append(f"im{i}")
             assert len(pool.pending) <= 2  # never more than the capacity in memory

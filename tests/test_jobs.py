@@ -194,7 +194,7 @@ def test_two_jobs_with_other_settings_started_together_never_mix(setup, tmp_path
     assert refs[1].keys() == refs[2].keys() and refs[1] != refs[2]
     out = tmp_path / "shared"
     for resets in ((False, True), (True, True)):
-        procs = [_start(setup.config, out, tag, reset, delay=0.05) for tag, reset in zip((1, 2), resets)]
+        procs = [_start(setup.config, out, tag, reset, delay=0.2) for tag, reset in zip((1, 2), resets)]
         logs = [p.communicate(timeout=300)[0] for p in procs]
         codes = [p.returncode for p in procs]
         assert 0 in codes and set(codes) <= {0, 3}, logs
@@ -214,15 +214,20 @@ def test_killed_jobs_rerun_to_byte_identical_maps(setup, tmp_path):
     reference = _pngs(Path(write(str(setup.config), str(tmp_path / "ref"), 1)["output"]))
     out = tmp_path / "killed"
     rng = random.Random(0)
-    for _ in range(3):
-        proc = _start(setup.config, out, 1, delay=0.05)
-        target = rng.randrange(len(reference))
+    done = 0
+    for _ in range(3):  # each killed at a random point with at least one image left
+        proc = _start(setup.config, out, 1, delay=0.3)  # about 0.3 s per image
+        target = rng.randint(done, len(reference) - 2)
         deadline = time.monotonic() + 120
         while len(_pngs(out)) < target and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.4))
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.25))
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        done = len(_pngs(out))
+        assert done < len(reference)  # killed before the end
+        assert all(reference[name] == data for name, data in _pngs(out).items())  # what is there is whole
     proc = _start(setup.config, out, 1)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log

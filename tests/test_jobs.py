@@ -30,6 +30,7 @@ from weakclip.data.masks import write_mask
 from weakclip.errors import WeakclipError
 from weakclip.jobs import OutputFolder, inference_fingerprint
 from weakclip.metrics import evaluate_dirs
+from weakclip.visualize import visualize_dirs
 
 WRITER = Path(__file__).with_name("label_map_writer.py")
 
@@ -250,11 +251,17 @@ def test_a_leftover_temporary_file_is_not_read_and_is_removed_by_the_next_run(se
     out = tmp_path / "m"
     write(str(setup.config), str(out), 1)
     gt = setup.root / "SegmentationClass"
-    scored = evaluate_dirs(out, gt, load_config(str(setup.config)).data.class_names, progress=False)
-    # What a killed writer leaves: a complete-looking PNG under a temporary name.
+    names = load_config(str(setup.config)).data.class_names
+    scored = evaluate_dirs(out, gt, names, progress=False)
+    # What a killed writer leaves: a complete-looking PNG under a temporary name, ours and an earlier
+    # version's (which ends in .png: only skipping dotfiles keeps it out).
     leftover = out / f".weakclip-tmp.{setup.ids[0]}.png.1a2b3c4d"
-    shutil.copy(gt / f"{setup.ids[0]}.png", leftover)
-    again = evaluate_dirs(out, gt, load_config(str(setup.config)).data.class_names, progress=False)
+    older = out / f".{setup.ids[0]}.png.x1y2.tmp.png"
+    for path in (leftover, older):
+        shutil.copy(gt / f"{setup.ids[0]}.png", path)
+    again = evaluate_dirs(out, gt, names, progress=False)
     assert again.num_images == scored.num_images == len(setup.ids) and again.miou == scored.miou
+    grids = visualize_dirs(setup.root / "JPEGImages", [out], tmp_path / "grids", num=100)
+    assert sorted(p.stem for p in grids) == sorted(setup.ids)
     assert write(str(setup.config), str(out), 1)["written"] == 0
     assert not leftover.exists()

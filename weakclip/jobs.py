@@ -139,6 +139,7 @@ class OutputFolder:
         self.reset_flag = reset_flag
         self.guard: RenameGuard | None = None
         self._writers = None  # the open lock file held for the writer's lifetime
+        self._warned = False
 
     def _lock(self, f, flags: int) -> bool:
         """flock ``f``; False when ``LOCK_NB`` and someone else holds it. No locks on this file system: one
@@ -151,7 +152,7 @@ class OutputFolder:
         except OSError as exc:
             if exc.errno not in _NO_LOCKS:
                 raise
-            if not getattr(self, "_warned", False):
+            if not self._warned:
                 self._warned = True
                 warn(f"{self.path}: this file system has no file locks ({exc.strerror}); jobs with other settings "
                      f"are not kept out of this folder, only stopped before their next file when it is reset")
@@ -451,9 +452,11 @@ def write_label_maps(
     command: str = "pseudo-masks",
     reset: bool = False,
     maps_dir: str = ".",
+    other_outputs: Sequence[str] = (),
 ) -> dict:
     """One palette PNG per sample into ``out_dir/maps_dir`` through :func:`run_jobs` (resumable, shardable,
-    never mixed), as ``command``.
+    never mixed), as ``command``, whose other files in ``out_dir`` (``other_outputs``, glob patterns) a
+    reset discards with the maps.
 
     ``fingerprint`` (checkpoint hash and every setting that changes the output, never the list, the share,
     the batch size or worker counts) goes into the folder's manifest: a folder written with another one is
@@ -467,7 +470,7 @@ def write_label_maps(
     maps = out_dir / maps_dir
     settings = {**fingerprint, "label_filter": use_labels, "crf": crf_params is not None,
                 "save_probs_size": icfg.save_probs_size if save_probs else None}
-    outputs = ("*.png", "probs", *((maps_dir,) if maps_dir != "." else ()), "results", "config.yaml")
+    outputs = ("*.png", "probs", *((maps_dir,) if maps_dir != "." else ()), *other_outputs)
     folder = OutputFolder(out_dir, command, settings, outputs, reset)
     workers = crf_worker_count(icfg) if crf_params is not None else 0
 

@@ -239,7 +239,7 @@ def predict(cfg: Config, checkpoint: str | Path, split: str, output: str | Path,
         predictor, samples, output, cfg.infer, info, {**fingerprint, "format": fmt},
         use_labels=False, crf_params=cfg.infer.crf_params if cfg.infer.crf else None,
         ignore_index=cfg.data.ignore_index, desc="predict", shard=shard, command="predict", reset=reset,
-        maps_dir=maps_dir,
+        maps_dir=maps_dir, other_outputs=(str(VOC_TEST_DIR.parts[0]), "config.yaml"),
     )
     if not info.is_main:
         return None

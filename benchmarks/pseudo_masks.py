@@ -42,9 +42,9 @@ from train_step import print_result
 from weakclip.config import load_config
 from weakclip.crf import dense_crf_pydensecrf
 from weakclip.data.datasets import Sample, list_samples, load_image
+from weakclip.data.masks import write_mask
 from weakclip.distributed import init_distributed
 from weakclip.engine import save_weights
-from weakclip.data.masks import write_mask
 from weakclip.fileio import FSYNC_ENV
 from weakclip.infer import refiner_predictor
 from weakclip.jobs import write_label_maps

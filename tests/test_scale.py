@@ -151,7 +151,7 @@ def test_shards_fill_one_folder_without_touching_each_other(tmp_path, voc_sample
     # A rerun as three shards finds everything done; another checkpoint is refused, and with reset redoes
     # every image of its shard.
     assert [write(out, shard=Shard(i, 3))["written"] for i in range(3)] == [0, 0, 0]
-    other = lambda **kw: write_label_maps(_ColourPredictor(), samples, out, cfg.infer, CPU, {"ckpt": "b"},  # noqa: E731
+    other = lambda **kw: write_label_maps(_ColourPredictor(), samples, out, cfg.infer, CPU, {"ckpt": "b"},
                                           use_labels=True, crf_params=cfg.infer.crf_params, progress=False,
                                           shard=Shard(0, 2), **kw)
     with pytest.raises(WeakclipError, match='ckpt: "a" -> "b"'):

@@ -41,7 +41,15 @@ from tqdm import tqdm
 from .config import Config, CRFConfig, InferConfig, ModelConfig
 from .data.datasets import Sample, labels_source, load_image
 from .data.masks import write_mask
-from .distributed import DistInfo, Shard, all_reduce_sum, available_cores, init_distributed, launch_share, run_once
+from .distributed import (
+    DistInfo,
+    Shard,
+    all_reduce_sum,
+    available_cores,
+    init_distributed,
+    launch_share,
+    run_once,
+)
 from .errors import WeakclipError, warn
 from .fileio import TMP_PREFIX, atomic_path, file_sha256, fsync_dir, is_hidden, write_text_atomic
 from .infer import (
@@ -83,7 +91,7 @@ def settings_diff(old: dict, new: dict, limit: int = 3) -> str:
     """The settings that differ as ``key: old -> new`` (JSON values), the first ``limit`` of them."""
     a, b = _flat(old), _flat(new)
     keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "(unset)") != b.get(k, "(unset)")]
-    show = lambda v: "(unset)" if v == "(unset)" else json.dumps(v)  # noqa: E731
+    show = lambda v: "(unset)" if v == "(unset)" else json.dumps(v)
     parts = [f"{k}: {show(a.get(k, '(unset)'))} -> {show(b.get(k, '(unset)'))}" for k in keys[:limit]]
     if len(keys) > limit:
         parts.append(f"and {len(keys) - limit} more")
@@ -173,7 +181,7 @@ class OutputFolder:
 
     def _open_locked(self) -> RenameGuard:
         manifest = _read_manifest(self.path / MANIFEST)
-        writers = open(self.path / WRITERS_LOCK, "a")
+        writers = open(self.path / WRITERS_LOCK, "a")  # noqa: SIM115 - held open until close()
         try:
             alone = self._lock(writers, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if manifest is None:

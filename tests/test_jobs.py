@@ -129,10 +129,12 @@ def test_a_settings_change_is_refused_naming_them_and_reset_removes_only_our_fil
     assert manifest["generation"] == 2 and manifest["settings"]["infer"]["scales"] == [0.5, 1.0, 1.5]
     # A new folder is always fine, and the same settings resume (no generation bump).
     OutputFolder(tmp_path / "new" / "deeper", "pseudo-masks", changed, ("*.png",)).open()
+    write_mask(out / f"{samples[0].id}.png", np.zeros((4, 4), np.uint8))
     again = OutputFolder(out, "pseudo-masks", changed, ("*.png",), reset=True)
     again.open()
     again.close()
     assert json.loads((out / "manifest.json").read_text())["generation"] == 2
+    assert (out / f"{samples[0].id}.png").is_file()
 
 
 def test_every_command_that_can_refuse_has_reset():
@@ -159,6 +161,23 @@ def test_writers_with_the_same_settings_share_and_other_settings_wait_for_them(t
     other.open()  # the last writer is gone: the reset goes ahead
     other.close()
     assert json.loads((out / "manifest.json").read_text())["settings"] == {"a": 2}
+
+
+def test_temporary_files_of_a_live_writer_stay_and_old_ones_go(tmp_path):
+    out = tmp_path / "o"
+    alive = OutputFolder(out, "seeds", {"a": 1}, ("*.png",))
+    alive.open()
+    fresh, stale = out / ".weakclip-tmp.x.png.00000001", out / ".weakclip-tmp.y.png.00000002"
+    fresh.write_bytes(b"in flight")
+    stale.write_bytes(b"left by a killed job")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    beside = OutputFolder(out, "seeds", {"a": 1}, ("*.png",))
+    beside.open()  # another writer is alive: only what is older than any write can take goes
+    assert fresh.exists() and not stale.exists()
+    beside.close()
+    alive.close()
+    OutputFolder(out, "seeds", {"a": 1}, ("*.png",)).open()  # alone: every leftover goes
+    assert not fresh.exists()
 
 
 def test_a_writer_reset_under_it_stops_before_renaming(tmp_path):

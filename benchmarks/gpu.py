@@ -30,7 +30,8 @@ from train_step import measure_step, print_result, sync_device
 from weakclip.config import VOC_CLASSES, ClipConfig, InferConfig, ModelConfig
 from weakclip.data.datasets import Sample, load_image
 from weakclip.distributed import DistInfo
-from weakclip.infer import crf_worker_count, multiscale_probs, refiner_predictor, write_label_maps
+from weakclip.infer import multiscale_probs, refiner_predictor
+from weakclip.jobs import crf_worker_count, write_label_maps
 from weakclip.model import build_model
 
 BATCH_SIZES = (1, 8, 16)

@@ -16,6 +16,10 @@ Measured in one run:
 - baselines against ``SegmentationClass``: the seeds themselves, and the same dense CRF run on the seeds
   alone (one-hot unary with confidence 0.6 over background + the image's classes).
 - ``pseudo_mask_miou`` when ``--checkpoint`` is given.
+- ``durable_writes``: writing a label map (the sample's seeds, full size) as the runner does, with the file
+  and folder ``fsync`` before and after the rename and without it (``WEAKCLIP_FSYNC=0``), interleaved, in
+  ms per image, on the file system of the temporary folder; and the difference as a share of the stage's
+  time per image.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ from train_step import print_result
 from weakclip.config import load_config
 from weakclip.crf import dense_crf_pydensecrf
 from weakclip.data.datasets import Sample, list_samples, load_image
+from weakclip.data.masks import write_mask
 from weakclip.distributed import init_distributed
 from weakclip.engine import save_weights
-from weakclip.infer import refiner_predictor, write_label_maps
+from weakclip.fileio import FSYNC_ENV
+from weakclip.infer import refiner_predictor
+from weakclip.jobs import write_label_maps
 from weakclip.metrics import ConfusionMeter, evaluate_dirs
 from weakclip.model import build_model
 from weakclip.train import checkpoint_metadata
@@ -96,6 +103,43 @@ def launch_figures(config: str, samples: list[Sample], checkpoint: Path, tmp: Pa
     return figures
 
 
+def file_system(path: str) -> str:
+    """The type of the file system holding ``path`` (from /proc/mounts; "unknown" elsewhere)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    real = os.path.realpath(path)
+    best = max((m for m in mounts if real == m[0] or real.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else "unknown"
+
+
+def durable_write_cost(samples: list[Sample], rounds: int = 3) -> dict:
+    """ms per label map written with and without fsync (alternating per round, same maps, same folder)."""
+    seeds = [s.load_seed() for s in samples]
+    before = os.environ.get(FSYNC_ENV)
+    times: dict[str, list[float]] = {"1": [], "0": []}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(rounds):
+                for flag in ("1", "0"):
+                    os.environ[FSYNC_ENV] = flag
+                    for i, seed in enumerate(seeds):
+                        t = time.perf_counter()
+                        write_mask(Path(tmp) / flag / f"{i}.png", seed)
+                        times[flag].append(time.perf_counter() - t)
+            fs = file_system(tmp)
+    finally:
+        if before is None:
+            os.environ.pop(FSYNC_ENV, None)
+        else:
+            os.environ[FSYNC_ENV] = before
+    ms = {flag: 1000 * sum(ts) / len(ts) for flag, ts in times.items()}
+    return {"images": len(seeds), "rounds": rounds, "file_system": fs, "fsync_ms_per_image": round(ms["1"], 3),
+            "no_fsync_ms_per_image": round(ms["0"], 3), "fsync_cost_ms_per_image": round(ms["1"] - ms["0"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -106,6 +150,8 @@ def main() -> None:
     parser.add_argument("--crf-images", type=int, default=0, help="images for the CRF timing (0: all)")
     parser.add_argument("--launch-images", type=int, default=16,
                         help="images for the 1-process / 2-process command timing (0: skip it)")
+    parser.add_argument("--durable-images", type=int, default=50,
+                        help="label maps for the fsync on/off write timing (0: skip it)")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.root={VOC_SAMPLE}", f"infer.crf_workers={args.workers}"])
     samples = list_samples(cfg.data, need_seeds=True, need_gt=True)
@@ -133,6 +179,12 @@ def main() -> None:
             result["pseudo_mask_miou"] = round(scores.miou, 2)
     result.update(images=len(stage), stage_s=round(seconds, 1), images_per_s=round(len(stage) / seconds, 3),
                   crf_workers=args.workers, device=str(device))
+
+    # 1a. What durable writes cost per image, fsync on and off, in this run.
+    if args.durable_images:
+        durable = durable_write_cost(samples[: args.durable_images])
+        durable["share_of_stage_time"] = round(durable["fsync_cost_ms_per_image"] / 1000 / (seconds / len(stage)), 5)
+        result["durable_writes"] = durable
 
     # 1b. The command, 1 process against 2 torchrun processes.
     if args.launch_images:

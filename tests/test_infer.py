@@ -15,14 +15,8 @@ from weakclip.config import CRFConfig, InferConfig, load_config
 from weakclip.data.datasets import list_samples
 from weakclip.data.masks import read_mask
 from weakclip.distributed import DistInfo
-from weakclip.infer import (
-    label_filter,
-    multiscale_probs,
-    sliding_logits,
-    view_size,
-    window_starts,
-    write_label_maps,
-)
+from weakclip.infer import label_filter, multiscale_probs, sliding_logits, view_size, window_starts
+from weakclip.jobs import write_label_maps
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -121,7 +115,7 @@ def test_interrupted_run_resumes_and_new_checkpoint_redoes_all(tiny_masks_setup,
     assert all((out / name).stat().st_mtime_ns == stamps[name] for name in done)
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(s.id for s in samples)
 
-    summary = _write(cfg, samples, out, _Predictor(21), {"checkpoint_sha256": "bbb"})
+    summary = _write(cfg, samples, out, _Predictor(21), {"checkpoint_sha256": "bbb"}, reset=True)
     assert summary == {"written": len(samples), "skipped": 0, "output": str(out), "missing": 0}
 
 
@@ -205,14 +199,14 @@ def test_missing_checkpoint_is_one_line(tmp_path, voc_sample, capsys):
 
 def test_crf_changes_labels_along_edges():
     """The post-processing CRF really runs in the worker path (a blocky input gets image-aligned)."""
-    from weakclip.infer import _finish
+    from weakclip.jobs import _finish
 
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     image[:, 13:] = 255
     probs = np.zeros((2, 32, 32), dtype=np.float32)
     probs[0, :, :16], probs[1, :, 16:] = 0.6, 0.6
     probs[1, :, :16], probs[0, :, 16:] = 0.4, 0.4
-    job = ("x", probs, [0, 7], image, np.zeros((32, 32), bool), None, CRFConfig(3, 3, 83, 5, 3, 10), 255)
+    job = ("x", probs, [0, 7], image, np.zeros((32, 32), bool), None, CRFConfig(3, 3, 83, 5, 3, 10), 255, None)
     import tempfile
     from pathlib import Path
 

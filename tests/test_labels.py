@@ -20,7 +20,8 @@ from weakclip.data.masks import read_mask, write_mask
 from weakclip.data.voc import prepare_voc
 from weakclip.distributed import DistInfo
 from weakclip.errors import WeakclipError
-from weakclip.infer import label_filter, write_label_maps
+from weakclip.infer import label_filter
+from weakclip.jobs import write_label_maps
 
 MISSED_CAR = "2007_001857"  # labels [7 car, 15 person]; its simulated seed holds only the person
 EMPTY_SEED = "2007_000713"  # labels [4 boat]; its seed is all background
@@ -101,7 +102,7 @@ def test_a_labelled_class_the_seed_misses_is_kept_by_the_filter_and_the_crf(voc_
     seeded = load_config(str(write_tiny_config(tmp_path / "s.yaml", root, data={"labels_from_seeds": True})))
     (from_seed,) = list_samples(seeded.data, need_seeds=False)
     write_label_maps(_Everywhere(21, cls), [from_seed], out, cfg.infer, CPU, {"run": 2},
-                     use_labels=True, crf_params=cfg.infer.crf_params, progress=False)
+                     use_labels=True, crf_params=cfg.infer.crf_params, progress=False, reset=True)
     assert (read_mask(out / f"{image_id}.png") == 255).all()
 
 

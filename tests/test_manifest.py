@@ -1,5 +1,5 @@
-"""Never stale: the pseudo-mask / predict manifest covers every input that changes a label map, and any change
-to one of them redoes every image."""
+"""Never stale: the pseudo-mask / predict manifest covers every input that changes a label map; a change to one
+of them is refused, and with reset redoes every image."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from weakclip.config import load_config
 from weakclip.data.datasets import list_samples
 from weakclip.distributed import DistInfo
 from weakclip.engine import save_weights
-from weakclip.infer import inference_fingerprint, write_label_maps
+from weakclip.jobs import inference_fingerprint, write_label_maps
 from weakclip.model import build_model
 from weakclip.train import checkpoint_metadata
 
@@ -97,7 +97,7 @@ def _run(cfg, model_cfg, ckpt, out):
     samples = list_samples(cfg.data, need_seeds=False)
     fingerprint = inference_fingerprint(cfg, ckpt, SimpleNamespace(cfg=model_cfg), samples, True)
     return write_label_maps(_Colour(cfg.num_classes), samples, out, cfg.infer, CPU, fingerprint,
-                            use_labels=True, crf_params=None, progress=False)
+                            use_labels=True, crf_params=None, progress=False, reset=True)
 
 
 def _counts(summary: dict) -> tuple[int, int]:
@@ -124,10 +124,16 @@ def test_pseudo_masks_rerun_after_swapping_the_clip_weights(setup, tmp_path, cap
     args = ["pseudo-masks", "--config", str(setup.config), "--checkpoint", str(setup.ckpt),
             "--output", str(tmp_path / "pm")]
     for clip, expected in ((setup.clip[0], "2 written, 0 already done"), (setup.clip[0], "0 written, 2 already done"),
-                           (setup.clip[1], "2 written, 0 already done")):
-        assert main([*args, "--set", f"model.clip.pretrained={clip}"]) == 0
-        assert expected in capsys.readouterr().out
-    manifest = json.loads((tmp_path / "pm" / "manifest.json").read_text())
+                           (setup.clip[1], "refused"), (setup.clip[1], "2 written, 0 already done")):
+        reset = ["--reset"] if expected.startswith("2") and clip == setup.clip[1] else []
+        code = main([*args, "--set", f"model.clip.pretrained={clip}", *reset])
+        out, err = capsys.readouterr()
+        if expected == "refused":  # other CLIP weights: refused, naming them, nothing deleted
+            assert code == 2 and "refiner.clip_weights: \"sha256 " in err and "--reset" in err
+            assert len(list((tmp_path / "pm").glob("*.png"))) == 2
+        else:
+            assert code == 0 and expected in out
+    manifest = json.loads((tmp_path / "pm" / "manifest.json").read_text())["settings"]
     assert manifest["refiner"]["clip_weights"].startswith("sha256 ")
     assert manifest["refiner"]["model"]["clip"]["normalize"] == "clip"
     assert manifest["labels"]["source"] == f"file {setup.root / 'cls_labels.json'}"

@@ -19,14 +19,9 @@ from weakclip.cli import main
 from weakclip.config import VOC_CLASSES, InferConfig, ModelConfig, load_config
 from weakclip.data.datasets import list_samples, load_image
 from weakclip.distributed import DistInfo, Shard
-from weakclip.infer import (
-    CRFPool,
-    crf_worker_count,
-    label_filter,
-    multiscale_probs,
-    refiner_predictor,
-    write_label_maps,
-)
+from weakclip.errors import WeakclipError
+from weakclip.infer import label_filter, multiscale_probs, refiner_predictor
+from weakclip.jobs import CRFPool, crf_worker_count, write_label_maps
 from weakclip.model import build_model
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -101,7 +96,7 @@ def test_crf_queue_applies_back_pressure(tmp_path):
             probs = rng.dirichlet([1, 1], size=(48, 64)).transpose(2, 0, 1).astype(np.float32)
             image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
             job = (f"im{i}", probs, [0, 5], image, np.zeros((48, 64), bool), tmp_path / f"im{i}.png",
-                   CRFConfig(), 255)
+                   CRFConfig(), 255, None)
             finished += pool.submit(job)
             submitted.append(f"im{i}")
             assert len(pool.pending) <= 2  # never more than the capacity in memory
@@ -153,11 +148,16 @@ def test_shards_fill_one_folder_without_touching_each_other(tmp_path, voc_sample
     assert all((out / name).stat().st_mtime_ns == t for name, t in stamps.items())
     assert _pngs(out) == _pngs(tmp_path / "one") and len(_pngs(out)) == 5
     assert (out / "summary.json").is_file()
-    # A rerun as three shards finds everything done; another checkpoint redoes every image.
+    # A rerun as three shards finds everything done; another checkpoint is refused, and with reset redoes
+    # every image of its shard.
     assert [write(out, shard=Shard(i, 3))["written"] for i in range(3)] == [0, 0, 0]
-    changed = write_label_maps(_ColourPredictor(), samples, out, cfg.infer, CPU, {"ckpt": "b"}, use_labels=True,
-                               crf_params=cfg.infer.crf_params, progress=False, shard=Shard(0, 2))
-    assert changed["written"] == 3 and len(_pngs(out)) == 3  # the other shard's stale maps are gone
+    other = lambda **kw: write_label_maps(_ColourPredictor(), samples, out, cfg.infer, CPU, {"ckpt": "b"},
+                                          use_labels=True, crf_params=cfg.infer.crf_params, progress=False,
+                                          shard=Shard(0, 2), **kw)
+    with pytest.raises(WeakclipError, match='ckpt: "a" -> "b"'):
+        other()
+    assert len(_pngs(out)) == 5
+    assert other(reset=True)["written"] == 3 and len(_pngs(out)) == 3  # the other shard's stale maps are gone
 
 
 # ------------------------------------------------------------------------------ the command, torchrun
@@ -232,5 +232,5 @@ def test_a_killed_rank_is_finished_by_a_rerun_with_another_process_count(launch_
     for name, before in done.items():  # finished maps were kept, not redone
         after = (out / name).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert not list(out.glob(".*.tmp*"))  # no half-written file left, none taken for a result
+    assert not list(out.glob(".weakclip-tmp.*"))  # no half-written file left, none taken for a result
     assert (out / "summary.json").is_file()

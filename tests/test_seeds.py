@@ -46,10 +46,15 @@ def test_seeds_are_trainable_and_follow_the_labels(seeds_setup, tmp_path, capsys
     preflight(samples, cfg.num_classes, progress=False)
     assert [s.seed for s in samples] == [out / f"{i}.png" for i in ids]
 
-    # A rerun does nothing; a changed setting redoes every image.
+    # A rerun does nothing; a changed setting is refused naming it, and with --reset redoes every image.
     assert _seeds(config, out, "--save-cams") == 0
     assert "0 written, 3 already done" in capsys.readouterr().out
-    assert _seeds(config, out, "--set", "seeds.confidence=0.5") == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert _seeds(config, out, "--save-cams", "--set", "seeds.confidence=0.5") == 2
+    err = capsys.readouterr().err
+    assert "seeds.confidence: 0.95 -> 0.5" in err and "--reset" in err and "save_cams" not in err
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before
+    assert _seeds(config, out, "--set", "seeds.confidence=0.5", "--reset") == 0
     assert "3 written, 0 already done" in capsys.readouterr().out
     assert not (out / "cams").exists()  # outputs of other settings never stay beside new ones
 
@@ -92,7 +97,7 @@ def test_bad_labels_are_one_line(seeds_setup, tmp_path, capsys):
     assert not list((tmp_path / "s").glob("*.png"))
 
 
-def test_train_makes_clip_es_seeds_first_when_asked(seeds_setup, tmp_path):
+def test_train_makes_clip_es_seeds_first_when_asked(seeds_setup, tmp_path, capsys):
     ids, _, config = seeds_setup
     run = tmp_path / "run"
     argv = ["train", "--config", str(config), "--output", str(run), "--set", "data.seeds_from=clip-es",
@@ -102,6 +107,13 @@ def test_train_makes_clip_es_seeds_first_when_asked(seeds_setup, tmp_path):
     saved = load_config(str(run / "config.yaml"))
     assert saved.data.seeds_dir == str((run / "seeds").resolve())
     assert (run / "model.safetensors").is_file()
+    # Other seed settings: refused with the flag this command has, which then redoes the seeds.
+    capsys.readouterr()
+    assert main([*argv, "--set", "seeds.crf=false"]) == 2
+    err = capsys.readouterr().err
+    assert "seeds.crf: true -> false" in err and "rerun with --reset" in err
+    assert main([*argv, "--set", "seeds.crf=false", "--reset", "--resume"]) == 0
+    assert json.loads((run / "seeds" / "manifest.json").read_text())["settings"]["seeds"]["crf"] is False
 
 
 def test_unknown_seed_source_is_one_line(seeds_setup, tmp_path, capsys):

@@ -423,31 +423,33 @@ class ClipES:
 # ------------------------------------------------------------------------------------------------- stages
 
 
-def train(config: ConfigLike, output: str | os.PathLike[str], resume: bool = False) -> Path:
+def train(config: ConfigLike, output: str | os.PathLike[str], resume: bool = False, reset: bool = False) -> Path:
     """``weakclip train``: train the refiner of ``config`` into the run folder ``output`` (checkpoints, logs,
-    resolved config); ``resume`` continues from its newest checkpoint. Returns the final weights' path."""
+    resolved config); ``resume`` continues from its newest checkpoint; ``reset`` discards seeds made there
+    (``data.seeds_from: clip-es``) with other settings. Returns the final weights' path."""
     from .train import train as run
 
-    return run(_config(config), output, resume=resume)
+    return run(_config(config), output, resume=resume, reset=reset)
 
 
 def pseudo_masks(config: ConfigLike, checkpoint: str | os.PathLike[str], output: str | os.PathLike[str],
-                 split: str | None = None, save_probs: bool = False) -> dict:
+                 split: str | None = None, save_probs: bool = False, reset: bool = False) -> dict:
     """``weakclip pseudo-masks``: the refiner's label maps of ``split`` (default ``data.split``) into
-    ``output`` (resumable, never stale). Returns {"output", "written", "skipped", "missing"}; under torchrun,
-    ranks other than 0 get {}."""
-    from .infer import pseudo_masks as run
+    ``output`` (resumable; a folder written with other settings is refused unless ``reset``). Returns
+    {"output", "written", "skipped", "missing"}; under torchrun, ranks other than 0 get {}."""
+    from .jobs import pseudo_masks as run
 
-    return run(_config(config), checkpoint, output, split=split, save_probs=save_probs) or {}
+    return run(_config(config), checkpoint, output, split=split, save_probs=save_probs, reset=reset) or {}
 
 
 def seeds(config: ConfigLike, output: str | os.PathLike[str], split: str | None = None,
-          save_cams: bool = False) -> dict:
+          save_cams: bool = False, reset: bool = False) -> dict:
     """``weakclip seeds``: CLIP-ES seeds of ``split`` (default ``data.split``) into ``output``, usable as
-    ``data.seeds_dir``. Returns {"output", "written", "skipped", "missing"}; other ranks get {}."""
+    ``data.seeds_dir`` (a folder written with other settings is refused unless ``reset``). Returns
+    {"output", "written", "skipped", "missing"}; other ranks get {}."""
     from .seeds import write_seeds
 
-    return write_seeds(_config(config), output, split=split, keep_cams=save_cams) or {}
+    return write_seeds(_config(config), output, split=split, keep_cams=save_cams, reset=reset) or {}
 
 
 def evaluate(config: ConfigLike, pred: str | os.PathLike[str], gt: str | os.PathLike[str],

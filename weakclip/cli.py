@@ -24,6 +24,13 @@ def _add_shard(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", metavar="I/N",
                    help="do share I of N of the list (0-based), e.g. one job of a job array per share; any mix "
                         "of shards, process counts and reruns fills the one --output folder")
+    _add_reset(p, "this command's outputs in --output")
+
+
+def _add_reset(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--reset", action="store_true",
+                   help=f"discard {what} written with other settings (never other files); without it such a "
+                        "folder is refused, naming the settings that differ")
 
 
 def _config(args):
@@ -61,7 +68,7 @@ def cmd_parts(args) -> None:
 def cmd_train(args) -> None:
     from .train import train
 
-    final = train(_config(args), args.output, resume=args.resume)
+    final = train(_config(args), args.output, resume=args.resume, reset=args.reset)
     print(f"weights: {final}")
 
 
@@ -79,10 +86,10 @@ def _done_line(what: str, summary: dict) -> str:
 
 
 def cmd_pseudo_masks(args) -> None:
-    from .infer import pseudo_masks
+    from .jobs import pseudo_masks
 
     summary = pseudo_masks(_config(args), args.checkpoint, args.output, split=args.split,
-                           save_probs=args.save_probs, shard=_shard(args))
+                           save_probs=args.save_probs, shard=_shard(args), reset=args.reset)
     if summary is not None:
         print(_done_line("pseudo masks", summary))
 
@@ -90,7 +97,8 @@ def cmd_pseudo_masks(args) -> None:
 def cmd_seeds(args) -> None:
     from .seeds import write_seeds
 
-    summary = write_seeds(_config(args), args.output, split=args.split, keep_cams=args.save_cams, shard=_shard(args))
+    summary = write_seeds(_config(args), args.output, split=args.split, keep_cams=args.save_cams, shard=_shard(args),
+                          reset=args.reset)
     if summary is not None:
         print(_done_line("seeds", summary))
 
@@ -192,7 +200,8 @@ def cmd_retrain(args) -> None:
 def cmd_predict(args) -> None:
     from .retrain import predict
 
-    summary = predict(_config(args), args.checkpoint, args.split, args.output, fmt=args.format, shard=_shard(args))
+    summary = predict(_config(args), args.checkpoint, args.split, args.output, fmt=args.format, shard=_shard(args),
+                      reset=args.reset)
     if summary is not None:
         print(_done_line("predictions", summary))
 
@@ -215,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--output", required=True, help="run folder (checkpoints, logs, resolved config)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    _add_reset(p, "the seeds in OUTPUT/seeds (data.seeds_from=clip-es)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pseudo-masks", help="multi-scale + flip + CRF pseudo masks with the Eq. 14 label filter")

@@ -67,14 +67,15 @@ def run_demo(output: str | Path = "weakclip-demo", data: str | Path | None = Non
     config = out / "config.yaml"
     write_text_atomic(config, yaml.safe_dump({"base": base, **overrides}, sort_keys=False))
 
+    # The demo's folders are its own: a rerun with other options replaces their outputs (--reset).
     if seeds == "clip-es":
-        _run(["seeds", "--config", str(config), "--output", str(seeds_dir)])
+        _run(["seeds", "--config", str(config), "--output", str(seeds_dir), "--reset"])
     run, masks = out / "train", out / "pseudo_masks"
     if not (run / "model.safetensors").is_file():
         resume = ["--resume"] if list((run / "checkpoints").glob("*.safetensors")) else []
         _run(["train", "--config", str(config), "--output", str(run), *resume])
     _run(["pseudo-masks", "--config", str(config), "--checkpoint", str(run / "model.safetensors"),
-          "--output", str(masks)])
+          "--output", str(masks), "--reset"])
     gt, listing = root / "SegmentationClass", root / "ImageSets" / "Segmentation" / "train.txt"
     scores = {"seeds": None, "pseudo_masks": None}
     if gt.is_dir():

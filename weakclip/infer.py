@@ -1,61 +1,32 @@
 """Inference shared by pseudo masks, validation during training and predictions of retrained segmenters:
 multi-scale x flip views, sliding windows batched across views, probabilities averaged over views, the
-Eq. 14 label filter, and the dense CRF in a pool of worker processes fed through a bounded queue while the
-next images are inferred.
-
-:func:`write_label_maps` runs at dataset scale: under ``torchrun`` every rank takes its share of the images
-on the GPU of its ``LOCAL_RANK``, independent jobs take theirs with a :class:`~weakclip.distributed.Shard`,
-and all of them fill one resumable, never-stale output folder whose manifest does not depend on who
-wrote which image.
+Eq. 14 label filter, the CRF's input and the written label map; and loading a refiner checkpoint as a
+predictor. The dataset-scale runner (output folders, worker pool, sharding) is :mod:`weakclip.jobs`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
 import math
-import multiprocessing as mp
-import signal
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from .clip import RANDOM_CLIP_SEED, weights_file
-from .config import ClipConfig, Config, CRFConfig, InferConfig, ModelConfig
+from .config import ClipConfig, Config, CRFConfig, InferConfig
 from .crf import dense_crf_pydensecrf
-from .data.datasets import Sample, labels_source, load_image
-from .data.masks import write_mask
-from .distributed import (
-    DistInfo,
-    Shard,
-    all_reduce_sum,
-    available_cores,
-    init_distributed,
-    launch_share,
-    run_once,
-)
+from .data.datasets import load_image
+from .distributed import DistInfo, all_reduce_sum, launch_share
 from .errors import WeakclipError
-from .fileio import atomic_path, reset_if_stale, write_text_atomic
+from .fileio import file_sha256
 
 # images (B, 3, h, w) uint8 RGB -> logits (B, K, h', w') at any resolution (resized to the window here).
 Predictor = Callable[[Tensor], Tensor]
 
-# Collectives of an inference launch wait for the slowest rank's last images: far longer than training's.
-INFERENCE_TIMEOUT = timedelta(hours=12)
-SUMMARY = "summary.json"
-# A temporary file this old cannot belong to a live writer (one PNG or .npz takes well under a second).
-_ORPHAN_TMP_S = 600
 
 
 def view_size(h: int, w: int, short_side: int, scale: float) -> tuple[int, int]:
@@ -227,257 +198,6 @@ def finish_label_map(kept: np.ndarray, keys: Sequence[int], image: np.ndarray, u
     return label
 
 
-# -------------------------------------------------------------------------------------------- CRF pool
-
-
-def _finish(job: tuple) -> str:
-    """Worker: CRF over the kept classes, label map, Eq. 14 marks, atomic PNG. Returns the image id."""
-    sample_id, probs, keys, image, unknown, out_path, crf_params, ignore_index = job
-    write_mask(out_path, finish_label_map(probs, keys, image, unknown, crf_params, ignore_index))
-    return sample_id
-
-
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group; the main process decides when the workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def crf_worker_count(icfg: InferConfig) -> int:
-    """``icfg.crf_workers``, or when null the cores available to this process but one (the one that feeds
-    the network), at least 1."""
-    if icfg.crf_workers is not None:
-        if icfg.crf_workers < 0:
-            raise WeakclipError(f"infer.crf_workers: expected 0 or more (or null: auto), got {icfg.crf_workers}")
-        return icfg.crf_workers
-    return max(1, available_cores() - 1)
-
-
-class CRFPool:
-    """Finishes images (CRF, label map, PNG) in ``workers`` processes through a bounded queue.
-
-    :meth:`submit` returns at once while fewer than ``capacity`` jobs are in flight and otherwise waits
-    for the oldest: back-pressure keeps at most ``capacity`` images' probabilities in memory, and the
-    caller runs the network on the next image while the workers run CRFs. ``workers=0`` finishes each job
-    in the calling process. ``finish`` (a module-level function, so workers can import it) does the work.
-    """
-
-    def __init__(self, workers: int, capacity: int | None = None, finish: Callable[[tuple], str] = _finish):
-        self.finish = finish
-        self.capacity = capacity or 2 * workers
-        self.pending: deque = deque()
-        self.pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint) if workers > 0 else None
-
-    def submit(self, job: tuple) -> list[str]:
-        """Queue one job; returns the ids of the images finished meanwhile (in submission order)."""
-        if self.pool is None:
-            return [self.finish(job)]
-        self.pending.append(self.pool.apply_async(self.finish, (job,)))
-        done = []
-        while len(self.pending) > self.capacity or (self.pending and self.pending[0].ready()):
-            done.append(self.pending.popleft().get())
-        return done
-
-    def drain(self) -> Iterator[str]:
-        """Ids of the remaining images as they finish."""
-        while self.pending:
-            yield self.pending.popleft().get()
-
-    def close(self, wait_s: float = 0.0) -> None:
-        """Stop the workers, first giving the jobs in flight up to ``wait_s`` seconds to finish."""
-        deadline = time.monotonic() + wait_s
-        for result in self.pending:
-            result.wait(timeout=max(0.0, deadline - time.monotonic()))
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (Slurm's time limit, torchrun stopping a launch) stops like Ctrl-C: files in flight finish."""
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def finish_jobs(jobs: Iterable[tuple], total: int, workers: int, finish: Callable[[tuple], str], info: DistInfo,
-                desc: str, progress: bool = True) -> None:
-    """``finish`` every job of ``jobs`` in a :class:`CRFPool` of ``workers`` processes while the generator
-    makes the next ones (the network's part), with a progress bar of ``total`` on the main process. Ctrl-C
-    or SIGTERM (a scheduler's time limit) gives the jobs in flight up to 60 s before stopping: their CRF
-    takes a moment, redoing their network part takes longer."""
-    pool = CRFPool(workers if total else 0, finish=finish)
-    bar = tqdm(total=total, desc=desc if info.world_size == 1 else f"{desc} (rank 0 of {info.world_size})",
-               disable=not (progress and info.is_main), dynamic_ncols=True)
-    try:
-        with _sigterm_as_interrupt():
-            for job in jobs:
-                bar.update(len(pool.submit(job)))
-            for _ in pool.drain():
-                bar.update(1)
-    except KeyboardInterrupt:
-        pool.close(wait_s=60)
-        raise
-    finally:
-        bar.close()
-        pool.close()
-
-
-# ------------------------------------------------------------------------------------ output folder
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _remove_orphans(out_dir: Path, older_than: float) -> None:
-    """Temporary files (``.<name>.*.tmp.*``) left by killed writers, last written before ``older_than``."""
-    for sub in (out_dir, out_dir / "probs"):
-        for tmp in sub.glob(".*.tmp.*"):
-            with contextlib.suppress(FileNotFoundError):
-                if tmp.stat().st_mtime < older_than:
-                    tmp.unlink()
-
-
-def _is_done(out_dir: Path, sample_id: str, save_probs: bool) -> bool:
-    return (out_dir / f"{sample_id}.png").is_file() and (
-        not save_probs or (out_dir / "probs" / f"{sample_id}.npz").is_file())
-
-
-def _prepare_folder(out_dir: Path, manifest: dict, samples: Sequence[Sample], probs_size: int | None
-                    ) -> list[int]:
-    """Reset the folder when its manifest differs (``probs/`` alone when only ``probs_size`` does), check
-    that the images to do exist; returns their indices in ``samples``."""
-    reset_if_stale(out_dir, manifest, ("*.png", "probs", SUMMARY))
-    if probs_size is not None and reset_if_stale(out_dir / "probs", {"save_probs_size": probs_size}, ("*.npz",)):
-        (out_dir / SUMMARY).unlink(missing_ok=True)
-    _remove_orphans(out_dir, time.time() - _ORPHAN_TMP_S)
-    save_probs = probs_size is not None
-    with ThreadPoolExecutor(8) as pool:  # stat calls on a network file system wait on the server
-        done = list(pool.map(lambda s: _is_done(out_dir, s.id, save_probs), samples))
-        todo = [i for i, d in enumerate(done) if not d]
-        exists = list(pool.map(lambda i: samples[i].image.is_file(), todo))
-    missing = [samples[i].image for i, ok in zip(todo, exists) if not ok]
-    if missing:
-        raise WeakclipError(f"{missing[0]}: image not found ({len(missing)} of the listed images are missing)")
-    return todo
-
-
-def _prefetch(load: Callable[[Sample], np.ndarray], samples: Sequence[Sample], ahead: int = 2
-              ) -> Iterator[tuple[Sample, np.ndarray]]:
-    """(sample, load(sample)) in order, decoding the next images in a thread while the caller works."""
-    with ThreadPoolExecutor(1) as pool:
-        queue: deque = deque()
-        for sample in samples:
-            queue.append((sample, pool.submit(load, sample)))
-            if len(queue) > ahead:
-                first, future = queue.popleft()
-                yield first, future.result()
-        while queue:
-            first, future = queue.popleft()
-            yield first, future.result()
-
-
-def write_label_maps(
-    predict: Predictor,
-    samples: Sequence[Sample],
-    out_dir: str | Path,
-    icfg: InferConfig,
-    info: DistInfo,
-    fingerprint: dict,
-    use_labels: bool,
-    crf_params: CRFConfig | None,
-    save_probs: bool = False,
-    ignore_index: int = 255,
-    progress: bool = True,
-    desc: str = "infer",
-    shard: Shard | None = None,
-) -> dict:
-    """Write one palette PNG per sample into ``out_dir``: resumable, never stale, shardable.
-
-    Every process of a launch (``info``) calls this with the same ``samples``; an independent job of a
-    job array passes its ``shard``. The job's share (``shard.take(samples)``) minus the images already
-    done is split between the ranks, so any mix of launches and shards fills the folder, and a rerun
-    with another process count does only what is missing.
-
-    ``fingerprint`` (checkpoint hash and every setting that changes the output, never the list or the
-    share) is stored in ``manifest.json``: a folder with another manifest is cleared first. CRFs run in
-    :func:`crf_worker_count` processes (:class:`CRFPool`) while the network infers the next images, so
-    full-resolution probabilities never touch the disk; ``save_probs`` keeps, in ``probs/<id>.npz``, the
-    CRF's input (background + the image's classes, or the classes present without a label filter) as
-    float16 at ``icfg.save_probs_size`` short side, with their class indices and the Eq. 14 marks.
-
-    When every sample is done, the main process writes ``summary.json``. Returns {"output", "written",
-    "skipped" (this launch), "missing" (images of ``samples`` still to do, by other shards)}.
-    """
-    out_dir = Path(out_dir)
-    shard = shard or Shard()
-    started = time.time()
-    manifest = {"format": 2, **fingerprint, "label_filter": use_labels, "crf": crf_params is not None}
-    share = shard.take(samples)
-    probs_size = icfg.save_probs_size if save_probs else None
-    todo = run_once(lambda: _prepare_folder(out_dir, manifest, share, probs_size), info)
-    mine = [share[i] for i in launch_share(info).take(todo)]
-    workers = crf_worker_count(icfg) if crf_params is not None else 0
-
-    def jobs() -> Iterator[tuple]:
-        for sample, image in _prefetch(lambda s: load_image(s.image), mine):
-            probs = multiscale_probs(predict, image, icfg, info.device)
-            kept, keys, unknown = crf_inputs(probs, sample.labels if use_labels else None)
-            if save_probs:
-                _save_probs(out_dir / "probs" / f"{sample.id}.npz", kept, keys, unknown, icfg.save_probs_size)
-            yield (sample.id, kept.cpu().numpy().astype(np.float32), keys, image, unknown.cpu().numpy(),
-                   out_dir / f"{sample.id}.png", crf_params, ignore_index)
-
-    finish_jobs(jobs(), len(mine), workers, _finish, info, desc, progress)
-    counts = all_reduce_sum(torch.tensor([len(mine)], device=info.device), info)  # also waits for every rank
-    result = {"output": str(out_dir), "written": int(counts[0]), "skipped": len(share) - len(todo)}
-    if info.is_main:
-        seconds = time.time() - started
-        run = {"written": result["written"], "skipped": result["skipped"], "processes": info.world_size,
-               "shard": str(shard), "crf_workers": workers, "seconds": round(seconds, 1),
-               "images_per_s": round(result["written"] / seconds, 3)}
-        result["missing"] = _summarize(out_dir, samples, save_probs, run, started)
-    return result
-
-
-def _summarize(out_dir: Path, samples: Sequence[Sample], save_probs: bool, run: dict, started: float) -> int:
-    """Count the images of ``samples`` still missing; with none, write ``summary.json`` (the list's size
-    and this ``run``'s figures) and remove what killed writers left."""
-    with ThreadPoolExecutor(8) as pool:
-        missing = sum(not d for d in pool.map(lambda s: _is_done(out_dir, s.id, save_probs), samples))
-    if missing == 0:
-        _remove_orphans(out_dir, started)
-        write_text_atomic(out_dir / SUMMARY, json.dumps({"images": len(samples), "last_run": run}, indent=1) + "\n")
-    return missing
-
-
-def _save_probs(path: Path, kept: Tensor, keys: Sequence[int], unknown: Tensor, short: int) -> None:
-    """kept (len(keys), H, W) -> ``path`` (.npz): probs float16 at ``short`` short side, classes, unknown."""
-    h, w = kept.shape[1:]
-    r = min(1.0, short / min(h, w))
-    size = (max(1, round(h * r)), max(1, round(w * r)))
-    small = F.interpolate(kept[None], size=size, mode="bilinear", align_corners=False)[0]
-    marks = F.interpolate(unknown[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, probs=small.cpu().numpy().astype(np.float16),
-                            classes=np.asarray(keys, dtype=np.int16), unknown=marks.cpu().numpy())
-
-
 # ------------------------------------------------------------------------------------------- models
 
 
@@ -606,59 +326,6 @@ def clip_weights_identity(clip: ClipConfig) -> str:
         return f"random init (seed {RANDOM_CLIP_SEED})"
     path = weights_file(clip.pretrained)
     return f"sha256 {file_sha256(path)}" if path is not None else f"open_clip tag {clip.pretrained}"
-
-
-def _labels_identity(cfg: Config, samples: Sequence[Sample]) -> dict:
-    """Where the image-level labels come from and what they are: the labels file's sha256 (whatever the
-    list), or, for labels taken from the seeds, a digest of the listed images' labels."""
-    source = labels_source(cfg.data)
-    if source.startswith("file ") and Path(source[5:]).is_file():
-        return {"source": source, "sha256": file_sha256(source[5:])}
-    text = json.dumps([[s.id, list(s.labels)] for s in samples])
-    return {"source": source, "sha256": hashlib.sha256(text.encode()).hexdigest()}
-
-
-def inference_fingerprint(cfg: Config, checkpoint: str | Path, model: torch.nn.Module, samples: Sequence[Sample],
-                          use_labels: bool) -> dict:
-    """Everything that changes a label map, for the manifest: the checkpoint's bytes; for a refiner its model
-    settings (CLIP model, normalisation, class token, taps, ...) and the identity of its CLIP weights; the
-    classes; the image-level labels and their source (when the filter uses them); the data root and the
-    inference settings. Not the list or the share, nor the batch size or worker counts (speed only)."""
-    speed_only = ("crf_workers", "save_probs_size", "batch_size")
-    infer = {k: v for k, v in cfg.infer.__dict__.items() if k not in speed_only}
-    settings = getattr(model, "cfg", None)
-    refiner = None
-    if isinstance(settings, ModelConfig):  # a retrained segmenter's settings are all in its checkpoint
-        tree = dataclasses.asdict(settings)
-        del tree["clip"]["pretrained"]  # stands for the weights' identity, not the path
-        refiner = {"model": tree, "clip_weights": clip_weights_identity(settings.clip)}
-    return {"checkpoint_sha256": file_sha256(checkpoint), "refiner": refiner, "classes": cfg.data.class_names,
-            "labels": _labels_identity(cfg, samples) if use_labels else None,
-            "data_root": str(Path(cfg.data.root).resolve()),
-            "infer": json.loads(json.dumps(infer, default=lambda o: o.__dict__))}
-
-
-def pseudo_masks(cfg: Config, checkpoint: str | Path, output: str | Path, split: str | None = None,
-                 save_probs: bool = False, shard: Shard | None = None, info: DistInfo | None = None
-                 ) -> dict | None:
-    """``weakclip pseudo-masks``: the refiner's label maps of ``split`` (default ``cfg.data.split``) with the
-    Eq. 14 filter (``infer.label_filter``) and the CRF (``infer.crf``), into ``output`` (see
-    :func:`write_label_maps`). Under torchrun every rank calls it; listing, label reading and hashing run
-    on rank 0 only. Returns the summary on the main process, None on the others."""
-    from .data.datasets import list_samples
-
-    info = info or init_distributed(INFERENCE_TIMEOUT)
-    split = split or cfg.data.split
-    use_labels = cfg.infer.label_filter
-    samples = run_once(lambda: list_samples(cfg.data, split, need_seeds=False, need_labels=use_labels), info)
-    # A released .pth replaces cfg's model section in place.
-    predict, model = refiner_from_checkpoint(cfg, checkpoint, info.device)
-    fingerprint = run_once(lambda: inference_fingerprint(cfg, checkpoint, model, samples, use_labels), info)
-    summary = write_label_maps(
-        predict, samples, output, cfg.infer, info, fingerprint, use_labels=use_labels,
-        crf_params=cfg.infer.crf_params if cfg.infer.crf else None, save_probs=save_probs,
-        ignore_index=cfg.data.ignore_index, desc="pseudo-masks", shard=shard)
-    return summary if info.is_main else None
 
 
 def validator(cfg: Config, info: DistInfo) -> Callable[[torch.nn.Module], dict[str, float]] | None:

@@ -22,7 +22,7 @@ import numpy as np
 from .config import VOC_CLASSES
 from .data.masks import read_mask
 from .errors import WeakclipError
-from .fileio import atomic_path
+from .fileio import atomic_path, visible_files
 
 # The paper's column names for the VOC classes (Tables 6 and 7).
 VOC_SHORT_NAMES = (
@@ -226,7 +226,7 @@ def evaluate_dirs(
         if not folder.is_dir():
             raise WeakclipError(f"{folder}: {what} folder not found")
     if ids is None:
-        ids = sorted(p.stem for p in pred_dir.glob("*.png"))
+        ids = [p.stem for p in visible_files(pred_dir, "*.png")]  # temporary files are hidden
         if not ids:
             raise WeakclipError(f"{pred_dir}: no prediction PNGs found")
     else:

@@ -269,9 +269,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, base: Config, **heads: 
     The written file stores the derived config (``load_refiner`` rebuilds the model from it), the source's
     sha256 and the list of ignored official keys with their reasons. Returns a summary.
     """
+    from .config import checkpoint_metadata
     from .engine import save_weights
-    from .infer import file_sha256
-    from .train import checkpoint_metadata
+    from .fileio import file_sha256
 
     model, cfg, conversion = load_released(src, base, **heads)
     meta = {**checkpoint_metadata(cfg), "converted_from": Path(src).name, "source_sha256": file_sha256(src),

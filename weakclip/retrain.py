@@ -32,18 +32,13 @@ from .distributed import DistInfo, Shard, init_distributed, run_once
 from .engine import LoopSpec, load_weights, poly, read_header, train_loop
 from .errors import WeakclipError
 from .fileio import write_text_atomic
-from .infer import (
-    INFERENCE_TIMEOUT,
-    Predictor,
-    inference_fingerprint,
-    refiner_from_checkpoint,
-    write_label_maps,
-)
+from .infer import Predictor, refiner_from_checkpoint
+from .jobs import INFERENCE_TIMEOUT, inference_fingerprint, write_label_maps
 from .released import is_torch_archive
 from .segmenters import Segmenter, build_segmenter
 
 SEGMENTER_FORMAT = "segmenter"  # the "format" entry of a retrained segmenter's weights header
-REFINER_FORMAT = "weakclip"  # the one ``weakclip.train.checkpoint_metadata`` writes
+REFINER_FORMAT = "weakclip"  # the one ``weakclip.config.checkpoint_metadata`` writes
 FORMATS = ("png", "voc-test")
 # The PASCAL VOC evaluation server reads results/VOC2012/Segmentation/comp6_test_cls/<id>.png from the
 # uploaded archive; comp6 is the competition for methods trained with data beyond VOC (ImageNet, CLIP).
@@ -203,7 +198,8 @@ def load_predictor(cfg: Config, checkpoint: str | Path, device: torch.device) ->
 
 
 def _voc_test_layout(labels_dir: Path, ids: Sequence[str], output: Path) -> Path:
-    """Link (else copy) ``labels_dir/<id>.png`` to ``output/VOC_TEST_DIR/<id>.png``, holding nothing else."""
+    """Link (else copy) ``labels_dir/<id>.png`` to ``output/VOC_TEST_DIR/<id>.png``, holding nothing else
+    (a folder inside ``output``, whose manifest says that predict wrote it)."""
     dest = output / VOC_TEST_DIR
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.iterdir():  # a rerun may have another split or checkpoint: only this run's maps stay
@@ -218,7 +214,7 @@ def _voc_test_layout(labels_dir: Path, ids: Sequence[str], output: Path) -> Path
 
 
 def predict(cfg: Config, checkpoint: str | Path, split: str, output: str | Path, fmt: str = "png",
-            shard: Shard | None = None, info: DistInfo | None = None) -> dict | None:
+            shard: Shard | None = None, info: DistInfo | None = None, reset: bool = False) -> dict | None:
     """Label maps of ``split`` with ``cfg.infer`` (multi-scale + flip, sliding windows, dense CRF when
     ``infer.crf``), no label filter. Resumable and shardable (see ``write_label_maps``): under torchrun
     every rank calls it; listing and hashing run on rank 0 only.
@@ -226,8 +222,10 @@ def predict(cfg: Config, checkpoint: str | Path, split: str, output: str | Path,
     ``fmt="png"``: ``output/<id>.png`` (VOC-palette PNGs, ready for ``weakclip evaluate``).
     ``fmt="voc-test"``: ``output/results/VOC2012/Segmentation/comp6_test_cls/<id>.png`` and nothing else
     there (archive ``results/`` for the evaluation server), laid out once every image is done; the
-    resumable working copy with its manifest stays in ``output/labels``. Returns {"output", "written",
-    "skipped", "missing"} on the main process, None on the others.
+    resumable working copy stays in ``output/labels``. ``output`` is an output folder of ``weakclip
+    predict`` (see :class:`~weakclip.jobs.OutputFolder`; ``reset`` discards predictions made there with
+    other settings). Returns {"output", "written", "skipped", "missing"} on the main process, None on the
+    others.
     """
     if fmt not in FORMATS:
         raise WeakclipError(f"predict: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
@@ -235,16 +233,17 @@ def predict(cfg: Config, checkpoint: str | Path, split: str, output: str | Path,
     info = info or init_distributed(INFERENCE_TIMEOUT)
     samples = run_once(lambda: split_samples(cfg, split), info)
     predictor, model = load_predictor(cfg, checkpoint, info.device)
-    labels_dir = output / "labels" if fmt == "voc-test" else output
+    maps_dir = "labels" if fmt == "voc-test" else "."
     fingerprint = run_once(lambda: inference_fingerprint(cfg, checkpoint, model, samples, use_labels=False), info)
     summary = write_label_maps(
-        predictor, samples, labels_dir, cfg.infer, info, fingerprint,
+        predictor, samples, output, cfg.infer, info, {**fingerprint, "format": fmt},
         use_labels=False, crf_params=cfg.infer.crf_params if cfg.infer.crf else None,
-        ignore_index=cfg.data.ignore_index, desc="predict", shard=shard,
+        ignore_index=cfg.data.ignore_index, desc="predict", shard=shard, command="predict", reset=reset,
+        maps_dir=maps_dir, other_outputs=(str(VOC_TEST_DIR.parts[0]), "config.yaml"),
     )
     if not info.is_main:
         return None
     write_text_atomic(output / "config.yaml", dump_config(cfg))
     if fmt == "voc-test" and not summary["missing"]:
-        summary["output"] = str(_voc_test_layout(labels_dir, [s.id for s in samples], output))
+        summary["output"] = str(_voc_test_layout(output / maps_dir, [s.id for s in samples], output))
     return summary

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ import yaml
 from torch import nn
 
 from .clip import input_stats
-from .config import Config, config_from_dict, dump_config
+from .config import Config, checkpoint_metadata, config_from_dict, dump_config
 from .data.datasets import SegDataset, list_samples, preflight
 from .data.transforms import TrainTransform
 from .distributed import DistInfo, init_distributed
@@ -39,11 +38,6 @@ def train_dataset(cfg: Config, progress: bool = True) -> SegDataset:
     transform = TrainTransform(t.crop_size, t.base_size, t.scale_range, t.cat_max_ratio, cfg.data.ignore_index,
                                pad_value=[m * 255 for m in mean])
     return SegDataset(samples, transform, cfg.num_classes, seed=t.seed, ignore_index=cfg.data.ignore_index)
-
-
-def checkpoint_metadata(cfg: Config) -> dict[str, str]:
-    """Strings stored in every weights file's header: the resolved config and the class names."""
-    return {"format": "weakclip", "config": dump_config(cfg), "class_names": json.dumps(cfg.data.class_names)}
 
 
 def refiner_loss(cfg: Config):
@@ -93,14 +87,16 @@ def initial_model(cfg: Config, clip_model: nn.Module | None = None) -> tuple[Wea
 
 
 def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo | None = None,
-          clip_model: nn.Module | None = None) -> Path:
-    """Train the refiner described by ``cfg`` into ``output``; returns the final weights' path."""
+          clip_model: nn.Module | None = None, reset: bool = False) -> Path:
+    """Train the refiner described by ``cfg`` into ``output``; returns the final weights' path. With
+    ``data.seeds_from`` clip-es the seeds are made first into ``output/seeds``; ``reset`` discards seeds
+    there written with other settings."""
     info = info or init_distributed()
     output = Path(output)
     if cfg.data.seeds_from != "files":
         from .seeds import with_generated_seeds
 
-        cfg = with_generated_seeds(cfg, output / "seeds", info)
+        cfg = with_generated_seeds(cfg, output / "seeds", info, reset)
     dataset = train_dataset(cfg, progress=info.is_main)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model, cfg = initial_model(cfg, clip_model)

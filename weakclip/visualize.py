@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data.masks import colorize, read_mask
 from .errors import WeakclipError
-from .fileio import atomic_path
+from .fileio import atomic_path, visible_files
 
 MAX_PANEL_HEIGHT = 320  # panels taller than this are scaled down
 TITLE_HEIGHT = 16  # white strip above each panel
@@ -114,7 +114,7 @@ def visualize_dirs(
         raise WeakclipError(f"{len(titles)} titles given for {len(mask_dirs)} mask folders")
 
     if ids is None:
-        common = set.intersection(*({p.stem for p in d.glob("*.png")} for d in mask_dirs))
+        common = set.intersection(*({p.stem for p in visible_files(d, "*.png")} for d in mask_dirs))
         if not common:
             raise WeakclipError(f"no image id has a PNG in every mask folder ({', '.join(map(str, mask_dirs))})")
         ids = random.Random(seed).sample(sorted(common), min(num, len(common)))  # sorted: independent of fs order

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from ..config import DataConfig
 from ..errors import WeakclipError, warn
+from ..fileio import visible_files
 from .masks import read_mask
 
 # The 80 official COCO category ids, in order; contiguous class i (1..80) is COCO_CATEGORY_IDS[i - 1].
@@ -292,7 +293,7 @@ def list_samples(
             ids = read_list(list_file)
         else:
             list_file = root / "images"
-            stems = sorted({p.stem for p in list_file.glob("*") if p.suffix.lower() in IMAGE_EXTS})
+            stems = sorted({p.stem for p in visible_files(list_file, "*") if p.suffix.lower() in IMAGE_EXTS})
             if not stems:
                 raise WeakclipError(f"{list_file}: no .jpg/.jpeg/.png images found")
             ids = stems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +53,14 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
-def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
-    """Write (H, W) class indices as a VOC-palette PNG, atomically."""
+def write_mask(path: str | os.PathLike, mask: np.ndarray, before_rename: Callable[[], None] | None = None) -> None:
+    """Write (H, W) class indices as a VOC-palette PNG, atomically and durably (``before_rename``: see
+    :func:`~weakclip.fileio.atomic_path`)."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got {mask.shape}")
     im = Image.fromarray(mask.astype(np.uint8), mode="P")
     im.putpalette(_PALETTE)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, before_rename) as tmp:
         im.save(tmp, format="PNG")
 
 

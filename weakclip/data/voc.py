@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import VOC_CLASSES
 from ..errors import WeakclipError
-from ..fileio import write_text_atomic
+from ..fileio import visible_files, write_text_atomic
 from .datasets import mask_values, read_list
 
 GT_DIRS = ("SegmentationClassAug", "SegmentationClass")
@@ -42,7 +42,7 @@ def prepare_voc(root: str | os.PathLike, gt_dir: str | None = None, output: str 
         masks_dir = root / gt_dir
         if not masks_dir.is_dir():
             raise WeakclipError(f"{masks_dir}: ground-truth folder not found")
-    paths = sorted(masks_dir.glob("*.png"))
+    paths = visible_files(masks_dir, "*.png")
     if not paths:
         raise WeakclipError(f"{masks_dir}: no .png masks found")
     values = mask_values(paths, desc=f"labels from {masks_dir.name}" if progress else None)

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.masks import read_mask, voc_palette
+from ..fileio import visible_files
 from ..errors import WeakclipError
 from ..metrics import ConfusionMeter
 from .page import render_page
@@ -282,7 +283,7 @@ def build_report(
         if not folder.is_dir():
             raise WeakclipError(f"{folder}: folder not found")
     if ids is None:
-        ids = sorted(p.stem for p in pred_dir.glob("*.png"))
+        ids = [p.stem for p in visible_files(pred_dir, "*.png")]
         if not ids:
             raise WeakclipError(f"{pred_dir}: no prediction PNGs found")
     ids = list(dict.fromkeys(ids))

@@ -151,7 +151,7 @@ def cmd_demo(args) -> None:
 
 def cmd_convert_checkpoint(args) -> None:
     from .config import load_config
-    from .released import convert_checkpoint
+    from .checkpoints import convert_checkpoint
 
     summary = convert_checkpoint(args.input, args.output, load_config(args.config, args.overrides),
                                  vision_heads=args.vision_heads, text_heads=args.text_heads,

@@ -1,10 +1,11 @@
-"""Atomic file writes (write to a temporary file beside the target, then rename) and output folders that are
-never stale (a manifest of what made them, checked under a folder lock)."""
+"""Atomic file writes (write to a temporary file beside the target, then rename), output folders that are
+never stale (a manifest of what made them, checked under a folder lock), and file digests."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +36,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import clip_weights_identity
 from .clip import load_clip
 from .clip_es import ClipES, crf_seed, seed_without_crf
 from .config import Config
@@ -48,8 +49,6 @@ def seed_samples(cfg: Config, split: str | None = None) -> list[Sample]:
 
 def seeds_manifest(cfg: Config, split: str, samples: Sequence[Sample], save_cams: bool) -> dict:
     """Everything that changes a seed: CLIP and its weights, classes, labels, data and the seeds settings."""
-    from .infer import clip_weights_identity
-
     settings = {k: v for k, v in dataclasses.asdict(cfg.seeds).items() if k != "crf_workers"}
     labels = json.dumps([[s.id, list(s.labels)] for s in samples])
     clip = dataclasses.asdict(cfg.model.clip)

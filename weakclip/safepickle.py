@@ -64,7 +64,8 @@ def load_npy(path: Path) -> object:
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            shape, _, dtype = np.lib.format._read_array_header(f, version)  # noqa: SLF001 - the header parser
+            fmt = np.lib.format
+            shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
             if not dtype.hasobject:
                 f.seek(0)
                 return np.load(f, allow_pickle=False)
@@ -81,6 +82,13 @@ def load_npy(path: Path) -> object:
     if not isinstance(array, np.ndarray) or array.shape != shape:
         raise WeakclipError(f"{path}: not a readable .npy file (the pickle is not the array its header describes)")
     return array
+
+
+# What a TorchScript pickle names besides its own classes: the tensor rebuild, ordered dicts, and the
+# helpers that return their argument as it is (list type tags).
+_TORCHSCRIPT = {("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")} | {
+    ("torch.jit._pickle", n) for n in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist",
+                                        "restore_type_tag")}
 
 
 class _ScriptObject:
@@ -113,7 +121,7 @@ def torchscript_tensors(path: Path) -> dict[str, Tensor]:
         def find(module: str, name: str) -> object:
             if module.startswith("__torch__.") or module == "__torch__":
                 return classes.setdefault(f"{module}.{name}", type(name, (_ScriptObject,), {}))
-            if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")):
+            if (module, name) in _TORCHSCRIPT:
                 return _global(module, name)
             if module == "torch" and name in _STORAGES:
                 return name

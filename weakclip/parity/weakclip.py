@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ..clip import load_clip
 from ..config import Config, CRFConfig, InferConfig, LossConfig
 from ..crf import dense_crf_pydensecrf
 from ..infer import crf_inputs, finish_label_map, multiscale_probs, sliding_logits, view_probs
@@ -55,7 +56,7 @@ def build_released_model(fixture: Path, config: dict) -> tuple[WeakCLIP, Config]
         state, str(fixture / "state_dict.safetensors"), vision_heads=m["backbone"]["heads"],
         text_heads=m["text_encoder"]["transformer_heads"], coattn_heads=m["context_decoder"]["transformer_heads"])
     cfg = released_config(Config(), conversion, m["class_names"])
-    model = build_model(cfg.model, cfg.data.class_names)
+    model = build_model(cfg.model, cfg.data.class_names, load_clip(cfg.model.clip, from_checkpoint=True))
     model.load_weakclip_state_dict(conversion.state, str(fixture))
     return model.eval(), cfg
 

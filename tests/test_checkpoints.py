@@ -388,6 +388,11 @@ def test_predictions_with_other_clip_weights_are_refused(tmp_path, voc_sample, c
             assert f"trained with CLIP weights {meta['clip_weights']}, the config's model.clip.pretrained gives " \
                    f"{shown}" in err[0]
     assert not (tmp_path / "pm").exists() and not (tmp_path / "pred").exists()
+    from weakclip.train import initial_model
+
+    start = load_config(str(run), [f"model.clip.pretrained={b}", f"train.init_from={ckpt}"])
+    with pytest.raises(WeakclipError, match="trained with CLIP weights sha256"):
+        initial_model(start)
 
 
 def test_init_from_adopts_the_checkpoints_model_before_the_data(tmp_path, voc_sample, monkeypatch):

@@ -75,6 +75,9 @@ def _done_line(what: str, summary: dict) -> str:
     line = f"{what}: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)"
     if summary.get("missing"):
         line += f"; {summary['missing']} images of the list are left to the other shards"
+    if summary.get("other_class_pixels"):
+        line += (f"; {summary['other_class_pixels']} pixels won by checkpoint classes outside the config were "
+                 f"written as 255")
     return line
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -156,6 +157,14 @@ def test_live_slot_probabilities_equal_the_released_forward(released_coco, refer
         ref = reference(images)["logits"].softmax(1)
     torch.testing.assert_close(ours[:, :81], ref[:, LIVE_SLOTS], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[:, 81:], ref[:, sorted(DEAD)], rtol=1e-5, atol=1e-6)
+    # Training from it starts from the same model: the seeds' contiguous ids are its first outputs.
+    from weakclip.train import initial_model
+
+    start, start_cfg = initial_model(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, init_from=str(converted))))
+    assert start_cfg.data.class_names == used.data.class_names
+    with torch.no_grad():
+        torch.testing.assert_close(start.eval()(images)["logits"].softmax(1), ours, rtol=0, atol=0)
     # Without the mapping, contiguous class 12 (stop sign) would read released slot 12 (street sign, dead).
     assert names[12] == "stop sign" and not torch.allclose(ref[:, 12], ref[:, 13])
 
@@ -375,7 +384,7 @@ def test_predictions_with_other_clip_weights_are_refused(tmp_path, voc_sample, c
     ckpt = tmp_path / "model.safetensors"
     meta = checkpoint_metadata(cfg)
     save_weights(ckpt, model, meta)
-    assert meta["clip_weights"] == "sha256 " + __import__("hashlib").sha256(a.read_bytes()).hexdigest()
+    assert meta["clip_weights"] == "sha256 " + hashlib.sha256(a.read_bytes()).hexdigest()
     loaded, used = load_refiner(ckpt, cfg)  # the same CLIP weights: accepted
     assert used.model.clip.pretrained == str(a)
     for other, shown in ((b, "sha256 "), ("null", "random init (seed 0)")):

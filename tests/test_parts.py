@@ -4,7 +4,6 @@ image tower that builds no autograd graph, a state-dict round trip and a checkpo
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from weakclip.cli import main
 from weakclip.config import load_config
-from weakclip.infer import load_refiner
+from weakclip.checkpoints import load_refiner
 
 
 def _miou(pred_dir, gt_dir, ids, k):
@@ -79,7 +79,7 @@ def test_demo_with_clip_weights_file_uses_that_model(tmp_path):
     assert main(argv) == 0
     cfg = load_config(str(out / "train" / "config.yaml"))
     assert (cfg.model.clip.model, cfg.model.clip.arch, cfg.model.clip.pretrained) == ("ViT-S-16", None, str(weights))
-    model = load_refiner(cfg, out / "train" / "model.safetensors")
+    model, _ = load_refiner(out / "train" / "model.safetensors", cfg)
     torch.testing.assert_close(model.visual.visual.conv1.weight, ref.visual.conv1.weight, rtol=0, atol=0)
 
 

@@ -116,7 +116,8 @@ def test_interrupted_run_resumes_and_new_checkpoint_redoes_all(tiny_masks_setup,
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(s.id for s in samples)
 
     summary = _write(cfg, samples, out, _Predictor(21), {"checkpoint_sha256": "bbb"}, reset=True)
-    assert summary == {"written": len(samples), "skipped": 0, "output": str(out), "missing": 0}
+    assert summary == {"written": len(samples), "skipped": 0, "output": str(out), "missing": 0,
+                       "other_class_pixels": 0}
 
 
 def test_pseudo_masks_respect_image_labels_and_sizes(tiny_masks_setup, tmp_path):

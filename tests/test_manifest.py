@@ -121,7 +121,16 @@ def test_each_input_of_a_label_map_is_in_the_manifest_and_redoes_every_image(set
 
 
 def test_pseudo_masks_rerun_after_swapping_the_clip_weights(setup, tmp_path, capsys):
-    args = ["pseudo-masks", "--config", str(setup.config), "--checkpoint", str(setup.ckpt),
+    # A checkpoint records its CLIP weights (here the random init): others are refused, nothing is written.
+    refused = ["pseudo-masks", "--config", str(setup.config), "--checkpoint", str(setup.ckpt),
+               "--output", str(tmp_path / "refused"), "--set", f"model.clip.pretrained={setup.clip[0]}"]
+    assert main(refused) == 2 and "trained with CLIP weights random init" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    # One written before checkpoints recorded them runs with any: the manifest tells the outputs apart.
+    legacy = tmp_path / "legacy.safetensors"
+    meta = {k: v for k, v in checkpoint_metadata(setup.cfg).items() if k != "clip_weights"}
+    save_weights(legacy, setup.model, meta)
+    args = ["pseudo-masks", "--config", str(setup.config), "--checkpoint", str(legacy),
             "--output", str(tmp_path / "pm")]
     for clip, expected in ((setup.clip[0], "2 written, 0 already done"), (setup.clip[0], "0 written, 2 already done"),
                            (setup.clip[1], "refused"), (setup.clip[1], "2 written, 0 already done")):

@@ -192,10 +192,11 @@ def test_full_size_released_key_list_converts_into_the_vit_b16_voc_model():
     with torch.device("meta"):
         state = {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, (shape, dtype) in keys.items()}
         conversion = convert_state_dict(state, "official-state-dict-keys.txt")
-        cfg = released_config(Config(), conversion)
+        cfg = released_config(Config(), conversion, list(Config().data.class_names))
+        from weakclip.clip import load_clip
         from weakclip.model import build_model
 
-        model = build_model(cfg.model, cfg.data.class_names)
+        model = build_model(cfg.model, cfg.data.class_names, load_clip(cfg.model.clip, from_checkpoint=True))
     assert len(conversion.mapping) + len(conversion.ignored) == 521
     assert len(conversion.ignored) == 2 * 2 * 20  # layers 0 and 1 of both co-attention stacks, 20 tensors each
     own = model.weakclip_state_dict()

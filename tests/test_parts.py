@@ -4,7 +4,6 @@ image tower that builds no autograd graph, a state-dict round trip and a checkpo
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -17,7 +16,7 @@ from weakclip.coattention import list_co_attention
 from weakclip.config import BackboneConfig, ClipConfig, CoAttentionConfig, Config, ModelConfig
 from weakclip.data.masks import read_mask
 from weakclip.engine import save_weights
-from weakclip.infer import load_refiner
+from weakclip.checkpoints import load_refiner
 from weakclip.model import build_model
 from weakclip.train import checkpoint_metadata
 
@@ -87,7 +86,7 @@ def test_part_contract(tmp_path, backbone, co_attention):
         torch.testing.assert_close(other(images)["logits"], expected, rtol=0, atol=0)
         ckpt = tmp_path / "model.safetensors"
         save_weights(ckpt, model, checkpoint_metadata(cfg))
-        loaded = load_refiner(copy.deepcopy(cfg), ckpt).eval()  # built from the config stored in the file
+        loaded = load_refiner(ckpt, cfg)[0].eval()  # built from the config stored in the file
         assert loaded.cfg.backbone.type == backbone and loaded.cfg.co_attention.type == co_attention
         torch.testing.assert_close(loaded(images)["logits"], expected, rtol=0, atol=0)
 

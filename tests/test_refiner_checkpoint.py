@@ -13,7 +13,7 @@ from weakclip.cli import main
 from weakclip.config import load_config
 from weakclip.engine import save_weights
 from weakclip.errors import WeakclipError
-from weakclip.infer import load_refiner
+from weakclip.checkpoints import load_refiner
 from weakclip.model import build_model
 from weakclip.train import checkpoint_metadata
 
@@ -40,7 +40,7 @@ def trained(tmp_path, voc_sample):
 def test_the_model_is_built_from_the_checkpoints_config(trained, capsys):
     cfg, _, model, ckpt = trained
     assert cfg.model.clip.normalize == "clip"  # the run config says otherwise
-    loaded = load_refiner(cfg, ckpt).eval()
+    loaded = load_refiner(ckpt, cfg)[0].eval()
     assert loaded.cfg.clip.normalize == "imagenet" and loaded.cfg.backbone.class_token_twice
     assert loaded.visual.taps == [1, 2, 3, 4]
     err = capsys.readouterr().err
@@ -58,8 +58,9 @@ def test_the_model_is_built_from_the_checkpoints_config(trained, capsys):
     (["model.n_ctx=4"], "trained with model.n_ctx=8, the config has model.n_ctx=4"),
     (["model.clip.arch.vision_cfg.layers=2"], "trained with model.clip.arch={"),
     (["model.clip.arch=null", "model.clip.model=ViT-B-16"], "trained with model.clip.arch={"),
-    (["data.class_names=[background,cat]", "infer.label_filter=false"],
-     "trained on 21 classes (background, aeroplane, bicycle, ...), the config has 2 (background, cat, ...)"),
+    (["data.class_names=[background,cat,kitten]", "infer.label_filter=false"],
+     "trained on 21 classes (background, aeroplane, bicycle, ...), the config has 3 (background, cat, kitten, ...); "
+     "not in the checkpoint: kitten"),
 ])
 def test_a_disagreeing_run_config_is_refused_in_one_line(trained, tmp_path, capsys, change, message):
     _, run_config, _, ckpt = trained
@@ -78,4 +79,4 @@ def test_a_checkpoint_without_a_config_is_refused(trained, tmp_path):
     bare = tmp_path / "bare.safetensors"
     save_weights(bare, model, {"format": "weakclip"})
     with pytest.raises(WeakclipError, match="no config in its header"):
-        load_refiner(cfg, bare)
+        load_refiner(bare, cfg)

@@ -19,8 +19,8 @@ from weakclip.cli import main
 from weakclip.config import VOC_CLASSES, config_from_dict, load_config
 from weakclip.engine import read_header
 from weakclip.errors import WeakclipError
-from weakclip.infer import load_refiner
-from weakclip.released import load_released, read_released
+from weakclip.checkpoints import load_refiner, load_released
+from weakclip.released import read_released
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "parity" / "weakclip-tiny"
 HEADS = {"vision_heads": 2, "text_heads": 2, "coattn_heads": 2}
@@ -57,7 +57,7 @@ def test_convert_checkpoint_command_writes_a_released_mode_checkpoint(released_p
     cfg = config_from_dict(yaml.safe_load(header["config"]))
     assert cfg.model.released and cfg.model.clip.in_checkpoint and cfg.data.class_names == list(VOC_CLASSES)
     # The converted file holds CLIP's weights too, and rebuilds the fixture's network.
-    model = load_refiner(cfg, out)
+    model, _ = load_refiner(out, cfg)
     ref = load_file(str(FIXTURE / "outputs.safetensors"))["score_map"]
     torch.testing.assert_close(_score_map(model), ref, rtol=1e-5, atol=1e-6)
     # The .pth read directly gives the same model.

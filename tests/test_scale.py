@@ -140,11 +140,11 @@ def test_shards_fill_one_folder_without_touching_each_other(tmp_path, voc_sample
     assert write(tmp_path / "one")["missing"] == 0
     out = tmp_path / "sharded"
     first = write(out, shard=Shard(1, 2))
-    assert first == {"output": str(out), "written": 2, "skipped": 0, "missing": 3}
+    assert first == {"output": str(out), "written": 2, "skipped": 0, "missing": 3, "other_class_pixels": 0}
     assert not (out / "summary.json").exists()  # the list is not done yet
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     second = write(out, shard=Shard(0, 2))
-    assert second == {"output": str(out), "written": 3, "skipped": 0, "missing": 0}
+    assert second == {"output": str(out), "written": 3, "skipped": 0, "missing": 0, "other_class_pixels": 0}
     assert all((out / name).stat().st_mtime_ns == t for name, t in stamps.items())
     assert _pngs(out) == _pngs(tmp_path / "one") and len(_pngs(out)) == 5
     assert (out / "summary.json").is_file()

@@ -73,8 +73,8 @@ def test_rerun_without_resume_refuses_to_mix_runs(tiny_run, tmp_path, capsys):
 
 
 def test_torchrun_two_processes_on_cpu(tiny_run, tmp_path):
+    from weakclip.checkpoints import load_refiner
     from weakclip.config import load_config
-    from weakclip.infer import load_refiner
 
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "weakclip", "train", "--config",
@@ -84,7 +84,7 @@ def test_torchrun_two_processes_on_cpu(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.safetensors"))
     assert ckpts == ["iter_0000002.safetensors"]
-    model = load_refiner(load_config(str(tiny_run)), out / "model.safetensors")
+    model, _ = load_refiner(out / "model.safetensors", load_config(str(tiny_run)))
     assert model.text.ctx.shape == (8, 128)
 
 

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # Names served lazily from weakclip.api (torch, open_clip and the rest load on first use).
 _API = ("ClipES", "Refined", "Refiner", "Seed", "load_config")
-__all__ = ["__version__", *_API]
+__all__ = ["ClipES", "Refined", "Refiner", "Seed", "__version__", "load_config"]  # _API and the version
 
 if TYPE_CHECKING:
     from .api import ClipES, Refined, Refiner, Seed, load_config

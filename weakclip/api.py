@@ -145,29 +145,22 @@ class Refined:
 
 
 def _load_refiner(cfg: Config, checkpoint: Path, device: torch.device) -> tuple[Predictor, torch.nn.Module, Config]:
-    """The one place the API loads a refiner: the commands' own loader, on a copy of ``cfg``. Returns the
-    predictor, the model and the config that runs (a released checkpoint brings its own model section)."""
+    """The one place the API loads a refiner: the commands' own loader (``cfg`` is not changed). Returns the
+    predictor, the model and the config that describes it (the checkpoint's model section and classes: the
+    config's first, then any more the checkpoint has)."""
     from .infer import refiner_from_checkpoint
 
-    cfg = copy.deepcopy(cfg)
-    predict, model = refiner_from_checkpoint(cfg, checkpoint, device)
-    return predict, model, cfg
+    return refiner_from_checkpoint(cfg, checkpoint, device)
 
 
 def _stored_config(checkpoint: Path) -> Config:
     """The config a weakclip checkpoint stores, or the shipped ``voc`` config for a released ``.pth``."""
-    import yaml
-
-    from .engine import read_header
+    from .checkpoints import stored_config
     from .released import is_torch_archive
 
     if is_torch_archive(checkpoint):
         return load_config("voc")
-    stored = read_header(checkpoint).get("config")
-    if stored is None:
-        raise WeakclipError(f"{checkpoint}: no config in its header (not a checkpoint written by weakclip train); "
-                            f"pass config=")
-    return config_from_dict(yaml.safe_load(stored))
+    return stored_config(checkpoint)[0]
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -209,15 +202,19 @@ class Refiner:
     writes a folder that :meth:`from_pretrained` reads anywhere.
 
     Attributes:
-        config: the config that runs (classes, model and inference settings); a copy, never the caller's.
+        config: the config that runs (model and inference settings, the checkpoint's classes: the run
+            config's first); a copy, never the caller's.
         model: the WeakCLIP network (eval mode, on ``device``).
         device: where the network runs.
         checkpoint: the weights file it was loaded from.
     """
 
     def __init__(self, predict: Predictor, model: torch.nn.Module, config: Config, device: torch.device,
-                 checkpoint: Path):
+                 checkpoint: Path, live: int | None = None):
         self._predict = predict
+        # The run config's classes lead the model's outputs; others (a released COCO checkpoint's dead
+        # slots) are never written: pixels they win become ignore_index, as in pseudo-masks.
+        self._live = live or len(config.data.class_names)
         self.model = model
         self.config = config
         self.device = device
@@ -229,8 +226,8 @@ class Refiner:
 
     @property
     def class_names(self) -> list[str]:
-        """All class names, background first (index 0)."""
-        return list(self.config.data.class_names)
+        """The run config's class names, background first (index 0): the indices masks are written in."""
+        return list(self.config.data.class_names[: self._live])
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], config: ConfigLike | None = None,
@@ -256,8 +253,8 @@ class Refiner:
             raise WeakclipError(f"{path}: checkpoint not found")
         cfg = _config(_stored_config(path) if config is None else config, overrides)
         device = _device(device)
-        predict, model, cfg = _load_refiner(cfg, path, device)
-        return cls(predict, model, cfg, device, path)
+        predict, model, used = _load_refiner(cfg, path, device)
+        return cls(predict, model, used, device, path, live=cfg.num_classes)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike[str], config: ConfigLike | None = None,
@@ -296,9 +293,9 @@ class Refiner:
 
         rgb = read_image(image)
         cfg = self.config
-        keep = class_indices(labels, cfg.data.class_names) if labels is not None else None
+        keep = class_indices(labels, self.class_names) if labels is not None else None
         probs = multiscale_probs(self._predict, rgb, cfg.infer, self.device)
-        kept, keys, unknown = crf_inputs(probs, keep if cfg.infer.label_filter else None)
+        kept, keys, unknown = crf_inputs(probs, keep if cfg.infer.label_filter else None, self._live)
         kept = kept.cpu().numpy().astype(np.float32)
         mask = finish_label_map(kept, keys, rgb, unknown.cpu().numpy(),
                                 cfg.infer.crf_params if cfg.infer.crf else None, cfg.data.ignore_index)
@@ -320,7 +317,7 @@ class Refiner:
         inference protocol and ``metrics`` when given, e.g. {"pseudo-mask mIoU (VOC train)": 0.74}).
         Returns the folder."""
         from .engine import save_weights
-        from .train import checkpoint_metadata
+        from .checkpoints import checkpoint_metadata
 
         folder = Path(folder)
         save_weights(folder / WEIGHTS, self.model, checkpoint_metadata(self.config))
@@ -332,11 +329,11 @@ class Refiner:
 def model_card(cfg: Config, model: torch.nn.Module, metrics: dict[str, float] | None = None) -> str:
     """The README.md of a save_pretrained folder: what ``model`` (built from ``cfg``) is, what made it and
     how it infers."""
-    from .infer import clip_weights_identity
+    from .checkpoints import clip_weights_identity
 
     m, t, i, d = cfg.model, cfg.train, cfg.infer, cfg.data
     clip = m.clip.model if m.clip.arch is None else f"{m.clip.model} (custom architecture, see config.yaml)"
-    seeds = (f"CLIP-ES from the image-level labels (`weakclip seeds`, settings in config.yaml `seeds`)"
+    seeds = ("CLIP-ES from the image-level labels (`weakclip seeds`, settings in config.yaml `seeds`)"
              if d.seeds_from == "clip-es" else f"files (`data.seeds_dir`: {d.seeds_dir})")
     lines = [
         "---", "library_name: weakclip", "tags:", "- weakly-supervised-semantic-segmentation", "- clip", "---", "",

@@ -82,6 +82,9 @@ def _done_line(what: str, summary: dict) -> str:
     line = f"{what}: {summary['output']} ({summary['written']} written, {summary['skipped']} already done)"
     if summary.get("missing"):
         line += f"; {summary['missing']} images of the list are left to the other shards"
+    if summary.get("other_class_pixels"):
+        line += (f"; {summary['other_class_pixels']} pixels won by checkpoint classes outside the config were "
+                 f"written as 255")
     return line
 
 
@@ -182,7 +185,7 @@ def cmd_demo(args) -> None:
 
 def cmd_convert_checkpoint(args) -> None:
     from .config import load_config
-    from .released import convert_checkpoint
+    from .checkpoints import convert_checkpoint
 
     summary = convert_checkpoint(args.input, args.output, load_config(args.config, args.overrides),
                                  vision_heads=args.vision_heads, text_heads=args.text_heads,

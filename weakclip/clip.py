@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .config import ClipConfig
 from .errors import WeakclipError
+from .safepickle import torchscript_tensors
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -96,15 +97,21 @@ def weights_file(pretrained: str) -> Path | None:
     return None
 
 
-def load_clip(cfg: ClipConfig) -> nn.Module:
+def load_clip(cfg: ClipConfig, from_checkpoint: bool = False) -> nn.Module:
     """Build the open_clip model named by ``cfg`` and load its weights; returns an fp32 model in eval mode.
 
     ``cfg.pretrained`` may be null (random init, always the same: seed ``RANDOM_CLIP_SEED``), a local file
-    (an OpenAI TorchScript archive, or an open_clip / OpenAI state dict as .pt/.pth/.bin/.safetensors), or an
-    open_clip pretrained tag, which open_clip downloads on a machine with network access. With
-    ``cfg.in_checkpoint`` the weights come later from the refiner checkpoint: the model is built random.
+    (an OpenAI TorchScript archive, read for its tensors without running its code, or an open_clip / OpenAI
+    state dict as .pt/.pth/.bin/.safetensors), or an open_clip pretrained tag, which open_clip downloads on a
+    machine with network access. ``cfg.in_checkpoint`` (CLIP weights that only a refiner checkpoint holds)
+    builds the random model the checkpoint's weights then replace, and only for a checkpoint being loaded
+    (``from_checkpoint``): elsewhere it is refused in one line, never a silently random CLIP.
     """
     pretrained = cfg.pretrained
+    if cfg.in_checkpoint and not from_checkpoint:
+        raise WeakclipError("model.clip.in_checkpoint: true, but no checkpoint is loaded here: those CLIP weights "
+                            "exist only inside the refiner checkpoint the config was saved with; set "
+                            "model.clip.in_checkpoint=false and model.clip.pretrained to a CLIP weights file")
     if pretrained is None or cfg.in_checkpoint:
         # Random weights from a fixed seed: checkpoints hold no CLIP weights, so reloading one must rebuild
         # the very same random CLIP it was trained on.
@@ -115,10 +122,7 @@ def load_clip(cfg: ClipConfig) -> nn.Module:
         if not path.is_file():
             raise WeakclipError(f"{path}: CLIP weights file not found")
         if _is_torchscript_archive(path):
-            try:
-                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-            except Exception as exc:  # noqa: BLE001 - any failure means an unreadable archive
-                raise WeakclipError(f"{path}: cannot read TorchScript CLIP archive ({exc})") from None
+            sd = torchscript_tensors(path)  # its tensors only: the archive's code never runs
             # Scalars OpenAI's archives carry, and the causal mask a scripted open_clip model keeps.
             for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
                 sd.pop(key, None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import typing
 from dataclasses import dataclass, field
@@ -439,7 +438,3 @@ def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (saved beside every output)."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
-
-def checkpoint_metadata(cfg: Config) -> dict[str, str]:
-    """Strings stored in every refiner weights file's header: the resolved config and the class names."""
-    return {"format": "weakclip", "config": dump_config(cfg), "class_names": json.dumps(cfg.data.class_names)}

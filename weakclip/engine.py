@@ -158,6 +158,21 @@ def load_weights(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
     return meta
 
 
+def read_resume_state(path: Path) -> dict:
+    """The optimizer and random state saved beside a checkpoint (tensors and plain Python values only),
+    read with ``weights_only``: a file whose pickle names anything else is refused in one line and nothing
+    in it runs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad or unsafe file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeakclipError(f"{path}: refused or unreadable resume state, nothing in it was run "
+                            f"({type(exc).__name__}: {first[:200]})") from None
+    if not isinstance(state, dict) or not {"optimizer", "rng"} <= set(state):
+        raise WeakclipError(f"{path}: not a resume state written by weakclip (no optimizer and rng entries)")
+    return state
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     found = []
     if ckpt_dir.is_dir():
@@ -283,7 +298,7 @@ def train_loop(
             raise WeakclipError(f"{ckpt_dir}: --resume given but no checkpoint is there")
         start, weights = found[-1]
         load_weights(weights, model)
-        state = torch.load(weights.with_suffix(".state.pt"), map_location="cpu", weights_only=False)
+        state = read_resume_state(weights.with_suffix(".state.pt"))
         optimizer.load_state_dict(state["optimizer"])
     elif list_checkpoints(ckpt_dir) and info.is_main:
         raise WeakclipError(f"{ckpt_dir}: holds checkpoints of an earlier run; pass --resume or a new --output")

@@ -89,6 +89,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

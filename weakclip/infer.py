@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .clip import RANDOM_CLIP_SEED, weights_file
-from .config import ClipConfig, Config, CRFConfig, InferConfig
+from .checkpoints import load_refiner
+from .config import Config, CRFConfig, InferConfig
 from .crf import dense_crf_pydensecrf
 from .data.datasets import load_image
 from .distributed import DistInfo, all_reduce_sum, launch_share
 from .errors import WeakclipError
-from .fileio import file_sha256
 
 # images (B, 3, h, w) uint8 RGB -> logits (B, K, h', w') at any resolution (resized to the window here).
 Predictor = Callable[[Tensor], Tensor]
@@ -155,27 +154,33 @@ def multiscale_probs(predict: Predictor, image: np.ndarray, icfg: InferConfig, d
     return total / len(views)
 
 
-def label_filter(probs: Tensor, labels: Sequence[int] | None, ignore_index: int = 255
+def label_filter(probs: Tensor, labels: Sequence[int] | None, ignore_index: int = 255, live: int | None = None
                  ) -> tuple[list[int], Tensor]:
     """Classes the CRF keeps and the pixels Eq. 14 marks unknown, for probs (K, H, W).
 
     With image-level ``labels`` (foreground indices): keys = background + labels, and pixels whose best
     class over all K is outside them are marked (they become ``ignore_index``). Without labels (test time,
     or the filter switched off): keys = the classes present in the argmax, nothing marked (released code).
+    ``live``: only classes 0..live-1 are the config's; the others (a checkpoint's classes the config does
+    not list, e.g. the 10 dead slots of a released COCO checkpoint) are never kept, and pixels they win are
+    marked too.
     """
     best = probs.argmax(0)
+    live = probs.shape[0] if live is None else live
     if labels is None:
-        return sorted(int(c) for c in best.unique()), torch.zeros_like(best, dtype=torch.bool)
+        keys = sorted(int(c) for c in best.unique() if c < live) or [0]
+        return keys, best >= live
     keys = sorted({0, *(int(c) for c in labels)})
     allowed = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
     allowed[keys] = True
     return keys, ~allowed[best]
 
 
-def crf_inputs(probs: Tensor, labels: Sequence[int] | None) -> tuple[Tensor, list[int], Tensor]:
+def crf_inputs(probs: Tensor, labels: Sequence[int] | None, live: int | None = None
+               ) -> tuple[Tensor, list[int], Tensor]:
     """probs (K, H, W) -> the CRF's input (len(keys), H, W): the kept classes of :func:`label_filter`,
     renormalised to sum to 1 per pixel; with the kept class indices and the (H, W) Eq. 14 marks."""
-    keys, unknown = label_filter(probs, labels)
+    keys, unknown = label_filter(probs, labels, live=live)
     kept = probs[keys]
     return kept / kept.sum(0, keepdim=True).clamp_min(1e-12), keys, unknown
 
@@ -219,29 +224,6 @@ def refiner_predictor(model: torch.nn.Module, device: torch.device, precision: s
     return predict
 
 
-# Model settings that shape the trained weights (with the CLIP architecture: model.clip.arch, else
-# model.clip.model): a run config must agree with the checkpoint on these.
-ARCHITECTURE_KEYS = (
-    "learnable_prompts", "n_ctx", "name_length", "pyramid_adapter", "co_attention.type",
-    "co_attention.width", "co_attention.heads", "co_attention.layers", "text_guided_decoder", "decoder_channels",
-)
-
-
-def _architecture(model: dict) -> dict:
-    clip = model["clip"]
-    flat = _flat(model)
-    return {"clip.arch" if clip["arch"] else "clip.model": clip["arch"] or clip["model"],
-            **{key: flat[key] for key in ARCHITECTURE_KEYS}}
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and key != "arch" else
-                   {f"{prefix}{key}": value})
-    return out
-
-
 def refiner_infer_config(icfg: InferConfig, model: torch.nn.Module) -> InferConfig:
     """``icfg`` with ``view_resize`` "auto" resolved for ``model``: cv2 for a released-mode refiner, else torch."""
     if icfg.view_resize != "auto":
@@ -250,82 +232,14 @@ def refiner_infer_config(icfg: InferConfig, model: torch.nn.Module) -> InferConf
     return dataclasses.replace(icfg, view_resize="cv2" if released else "torch")
 
 
-def load_refiner(cfg: Config, checkpoint: str | Path) -> torch.nn.Module:
-    """The WeakCLIP model a ``weakclip train`` checkpoint was trained as, with its weights loaded.
-
-    The model is built from the config stored in the checkpoint (its settings, classes and architecture);
-    only the frozen CLIP's weights, which checkpoints do not hold, come from ``cfg.model.clip.pretrained``.
-    A run config whose classes or architecture (``ARCHITECTURE_KEYS``) disagree is refused in one line;
-    other model settings that differ (taps, normalisation, ...) are the checkpoint's, with a warning.
-
-    Self-contained checkpoints run as they are, whatever the run config's model section, which is replaced
-    in place by theirs: a released ``.pth`` (converted on the fly, in ``released`` mode) and a converted
-    one (``weakclip convert-checkpoint``), which hold their CLIP weights.
-    """
-    import yaml
-
-    from .config import config_from_dict
-    from .engine import load_weights, read_header
-    from .errors import warn
-    from .model import build_model
-    from .released import is_torch_archive, load_released
-
-    if is_torch_archive(checkpoint):
-        model, released_cfg, _ = load_released(checkpoint, cfg)
-        cfg.model, cfg.data.class_names = released_cfg.model, released_cfg.data.class_names  # what runs
-        return model
-    header = read_header(checkpoint)
-    if "config" not in header:
-        raise WeakclipError(f"{checkpoint}: no config in its header (not a checkpoint written by weakclip train)")
-    try:
-        trained = config_from_dict(yaml.safe_load(header["config"]))
-    except (WeakclipError, yaml.YAMLError) as exc:
-        raise WeakclipError(f"{checkpoint}: the config stored in it does not load ({exc})") from None
-    if trained.model.clip.in_checkpoint:
-        cfg.model, cfg.data.class_names = trained.model, trained.data.class_names  # what runs
-        model = build_model(trained.model, trained.data.class_names)
-        load_weights(checkpoint, model)
-        return model
-    if trained.data.class_names != cfg.data.class_names:
-        raise WeakclipError(
-            f"{checkpoint}: trained on {trained.num_classes} classes ({', '.join(trained.data.class_names[:3])}, "
-            f"...), the config has {cfg.num_classes} ({', '.join(cfg.data.class_names[:3])}, ...)")
-    ours, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(trained.model)
-    arch_ours, arch_theirs = _architecture(ours), _architecture(theirs)
-    if arch_ours != arch_theirs:
-        key = next(k for k in arch_theirs if arch_theirs[k] != arch_ours.get(k))
-        where = key if key in arch_ours else "clip.arch" if key == "clip.model" else "clip.model"
-        raise WeakclipError(f"{checkpoint}: trained with model.{key}={arch_theirs[key]!r}, the config has "
-                            f"model.{where}={arch_ours[where]!r}")
-    ours, theirs = _flat(ours), _flat(theirs)
-    differ = [k for k in theirs if k not in ("clip.pretrained", "clip.model", "clip.arch") and theirs[k] != ours.get(k)]
-    if differ:
-        warn(f"{checkpoint} was trained with " + ", ".join(f"model.{k}={theirs[k]!r}" for k in differ)
-             + " (the config differs): the checkpoint's settings are used")
-    clip = dataclasses.replace(trained.model.clip, pretrained=cfg.model.clip.pretrained)
-    model = build_model(dataclasses.replace(trained.model, clip=clip), trained.data.class_names)
-    load_weights(checkpoint, model)
-    return model
-
-
 def refiner_from_checkpoint(cfg: Config, checkpoint: str | Path, device: torch.device
-                            ) -> tuple[Predictor, torch.nn.Module]:
-    """The refiner of ``checkpoint`` (see :func:`load_refiner`) as a Predictor at ``infer.precision``, and the
-    model; ``cfg.infer.view_resize`` "auto" is resolved for it in place."""
-    model = load_refiner(cfg, checkpoint)
-    cfg.infer = refiner_infer_config(cfg.infer, model)
-    return refiner_predictor(model, device, cfg.infer.precision), model
-
-
-def clip_weights_identity(clip: ClipConfig) -> str:
-    """Which CLIP weights a model runs with: a local file's sha256, an open_clip tag, the fixed random init, or
-    the refiner checkpoint itself (released checkpoints carry their CLIP: the checkpoint's sha256 names it)."""
-    if clip.in_checkpoint:
-        return "stored in the checkpoint"
-    if clip.pretrained is None:
-        return f"random init (seed {RANDOM_CLIP_SEED})"
-    path = weights_file(clip.pretrained)
-    return f"sha256 {file_sha256(path)}" if path is not None else f"open_clip tag {clip.pretrained}"
+                            ) -> tuple[Predictor, torch.nn.Module, Config]:
+    """The refiner of ``checkpoint`` as a Predictor at ``infer.precision``, its model, and the config that
+    describes it (:func:`weakclip.checkpoints.load_refiner`: the model's classes, the config's first, and
+    ``infer.view_resize`` "auto" resolved for it). ``cfg`` is not changed."""
+    model, used = load_refiner(checkpoint, cfg)
+    used = dataclasses.replace(used, infer=refiner_infer_config(used.infer, model))
+    return refiner_predictor(model, device, used.infer.precision), model, used
 
 
 def validator(cfg: Config, info: DistInfo) -> Callable[[torch.nn.Module], dict[str, float]] | None:

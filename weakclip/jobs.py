@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from .checkpoints import clip_weights_identity
 from .config import Config, CRFConfig, InferConfig, ModelConfig
 from .data.datasets import Sample, labels_source, load_image
 from .data.masks import write_mask
@@ -54,7 +55,6 @@ from .errors import WeakclipError, warn
 from .fileio import TMP_PREFIX, atomic_path, file_sha256, fsync_dir, is_hidden, write_text_atomic
 from .infer import (
     Predictor,
-    clip_weights_identity,
     crf_inputs,
     finish_label_map,
     multiscale_probs,
@@ -390,7 +390,8 @@ def _prefetch(load: Callable[[Sample], np.ndarray], samples: Sequence[Sample], a
 def run_jobs(folder: OutputFolder, samples: Sequence[Sample], done: Callable[[Sample], bool],
              make_jobs: Callable[[Iterator[tuple[Sample, np.ndarray]], RenameGuard], Iterator[tuple]],
              finish: Callable[[tuple], str], workers: int, info: DistInfo, desc: str,
-             shard: Shard | None = None, progress: bool = True) -> dict:
+             shard: Shard | None = None, progress: bool = True, counters: dict[str, Tensor] | None = None
+             ) -> dict:
     """Run a dataset-scale command over ``samples`` into ``folder``: resumable, shardable, never mixed.
 
     Every process of a launch (``info``) calls this with the same ``samples``; an independent job of a job
@@ -401,8 +402,10 @@ def run_jobs(folder: OutputFolder, samples: Sequence[Sample], done: Callable[[Sa
     passing ``guard``). When every sample is done, the main process writes ``summary.json``.
 
     Returns {"output", "written" (by this launch), "skipped", "missing" (images of ``samples`` not done
-    yet, e.g. left to other shards)}; "missing" on the main process only.
+    yet, e.g. left to other shards)}, "missing" on the main process only, and each of ``counters`` (scalar
+    tensors on ``info.device`` that ``make_jobs`` adds to) summed over the ranks.
     """
+    counters = counters or {}
     shard = shard or Shard()
     started = time.time()
     share = shard.take(samples)
@@ -423,8 +426,10 @@ def run_jobs(folder: OutputFolder, samples: Sequence[Sample], done: Callable[[Sa
         # make_jobs may set up its model (and fail in one line) before the progress bar starts; not when idle.
         jobs = make_jobs(_prefetch(lambda s: load_image(s.image), mine), guard) if mine else iter(())
         finish_jobs(jobs, len(mine), workers, finish, info, desc, progress)
-        counts = all_reduce_sum(torch.tensor([len(mine)], device=info.device), info)  # waits for every rank
-        result = {"output": str(folder.path), "written": int(counts[0]), "skipped": len(share) - len(todo)}
+        counts = all_reduce_sum(torch.stack([torch.tensor(len(mine), device=info.device), *counters.values()]),
+                                info)  # waits for every rank
+        result = {"output": str(folder.path), "written": int(counts[0]), "skipped": len(share) - len(todo),
+                  **{k: int(c) for k, c in zip(counters, counts[1:])}}
         if info.is_main:
             with ThreadPoolExecutor(8) as pool:
                 result["missing"] = sum(not d for d in pool.map(done, samples))
@@ -461,6 +466,7 @@ def write_label_maps(
     reset: bool = False,
     maps_dir: str = ".",
     other_outputs: Sequence[str] = (),
+    num_classes: int | None = None,
 ) -> dict:
     """One palette PNG per sample into ``out_dir/maps_dir`` through :func:`run_jobs` (resumable, shardable,
     never mixed), as ``command``, whose other files in ``out_dir`` (``other_outputs``, glob patterns) a
@@ -473,8 +479,13 @@ def write_label_maps(
     keeps, in ``probs/<id>.npz``, the CRF's input (background + the image's classes, or the classes present
     without a label filter) as float16 at ``icfg.save_probs_size`` short side, with their class indices and
     the Eq. 14 marks.
+
+    ``num_classes``: the config's classes, the predictor's first outputs; the predictor's other classes (a
+    checkpoint's classes the config does not list) are never written: pixels they win become
+    ``ignore_index`` and are counted in the result's "other_class_pixels".
     """
     out_dir = Path(out_dir)
+    other = torch.zeros((), dtype=torch.long, device=info.device)
     maps = out_dir / maps_dir
     settings = {**fingerprint, "label_filter": use_labels, "crf": crf_params is not None,
                 "save_probs_size": icfg.save_probs_size if save_probs else None}
@@ -488,13 +499,16 @@ def write_label_maps(
     def jobs(images: Iterator[tuple[Sample, np.ndarray]], guard: RenameGuard) -> Iterator[tuple]:
         for sample, image in images:
             probs = multiscale_probs(predict, image, icfg, info.device)
-            kept, keys, unknown = crf_inputs(probs, sample.labels if use_labels else None)
+            if num_classes is not None:
+                other.add_((probs.argmax(0) >= num_classes).sum())
+            kept, keys, unknown = crf_inputs(probs, sample.labels if use_labels else None, num_classes)
             if save_probs:
                 _save_probs(out_dir / "probs" / f"{sample.id}.npz", kept, keys, unknown, icfg.save_probs_size, guard)
             yield (sample.id, kept.cpu().numpy().astype(np.float32), keys, image, unknown.cpu().numpy(),
                    maps / f"{sample.id}.png", crf_params, ignore_index, guard)
 
-    return run_jobs(folder, samples, done, jobs, _finish, workers, info, desc, shard, progress)
+    return run_jobs(folder, samples, done, jobs, _finish, workers, info, desc, shard, progress,
+                    counters={"other_class_pixels": other})
 
 
 def _save_probs(path: Path, kept: Tensor, keys: Sequence[int], unknown: Tensor, short: int,
@@ -553,11 +567,13 @@ def pseudo_masks(cfg: Config, checkpoint: str | Path, output: str | Path, split:
     split = split or cfg.data.split
     use_labels = cfg.infer.label_filter
     samples = run_once(lambda: list_samples(cfg.data, split, need_seeds=False, need_labels=use_labels), info)
-    # A released .pth replaces cfg's model section in place.
-    predict, model = refiner_from_checkpoint(cfg, checkpoint, info.device)
+    # The checkpoint's model: its classes are cfg's, in cfg's order, then any it has beyond them.
+    predict, model, used = refiner_from_checkpoint(cfg, checkpoint, info.device)
+    cfg = dataclasses.replace(cfg, infer=used.infer)  # view_resize resolved for the model
     fingerprint = run_once(lambda: inference_fingerprint(cfg, checkpoint, model, samples, use_labels), info)
     summary = write_label_maps(
         predict, samples, output, cfg.infer, info, fingerprint, use_labels=use_labels,
         crf_params=cfg.infer.crf_params if cfg.infer.crf else None, save_probs=save_probs,
-        ignore_index=cfg.data.ignore_index, desc="pseudo-masks", shard=shard, command="pseudo-masks", reset=reset)
+        ignore_index=cfg.data.ignore_index, desc="pseudo-masks", shard=shard, command="pseudo-masks", reset=reset,
+        num_classes=cfg.num_classes)
     return summary if info.is_main else None

@@ -4,15 +4,13 @@ A released checkpoint holds the whole model, CLIP included (its CLIP weights dri
 released training, so no separate CLIP file is used). :func:`convert_state_dict` maps every official key
 to this package's names, or names it as ignored with the reason; :func:`released_config` derives the
 model section of a config from the tensor shapes and switches on ``model.released`` so that the forward
-is the released one. ``weakclip convert-checkpoint`` writes the result as an ordinary weakclip checkpoint,
-and every command that takes a checkpoint also accepts the ``.pth`` directly.
+is the released one. Loading, converting and class mapping are :mod:`weakclip.checkpoints`'s.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -216,19 +214,18 @@ def released_adapter_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {pattern.sub(ADAPTER_RULE[1], k).removeprefix("adapter."): v for k, v in state.items() if pattern.match(k)}
 
 
-def released_config(base: Config, conversion: Conversion, class_names: list[str] | None = None) -> Config:
-    """``base`` with its model section replaced by the released architecture in ``released`` mode.
+def released_config(base: Config, conversion: Conversion, class_names: list[str]) -> Config:
+    """A copy of ``base`` with its model section replaced by the released architecture in ``released`` mode
+    and its class names by ``class_names``, the checkpoint's (one per output slot, in slot order).
 
-    The data, inference and training sections stay the base config's. Class names come from the checkpoint's
-    meta when it has them (what the released model was trained with), else from ``base``.
+    The data, inference and training sections stay the base config's; ``base`` is not changed.
     """
     cfg = copy.deepcopy(base)
     m = conversion.model
-    names = list(class_names) if class_names else list(cfg.data.class_names)
-    if len(names) != m["num_classes"]:
-        raise WeakclipError(f"the checkpoint has {m['num_classes']} classes but the config lists {len(names)} "
-                            f"(data.class_names); pick the matching config, e.g. --config coco for 91")
-    cfg.data.class_names = names
+    if len(class_names) != m["num_classes"]:
+        raise WeakclipError(f"the checkpoint has {m['num_classes']} class slots but {len(class_names)} class names "
+                            f"were given")
+    cfg.data.class_names = list(class_names)
     old = cfg.model
     cfg.model = ModelConfig(
         clip=ClipConfig(model="released", pretrained=None, arch=copy.deepcopy(conversion.arch), normalize="imagenet",
@@ -247,36 +244,3 @@ def released_config(base: Config, conversion: Conversion, class_names: list[str]
 def meta_class_names(meta: dict) -> list[str] | None:
     names = meta.get("CLASSES")
     return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
-
-
-def load_released(path: str | Path, base: Config, **heads: int | None):
-    """(model, config, conversion) for a released ``.pth``: converted in memory, built in released mode,
-    weights loaded. ``heads``: ``vision_heads``, ``text_heads``, ``coattn_heads`` (see :func:`convert_state_dict`).
-    """
-    from .model import build_model
-
-    state, meta = read_released(path)
-    conversion = convert_state_dict(state, str(path), **heads)
-    cfg = released_config(base, conversion, meta_class_names(meta))
-    model = build_model(cfg.model, cfg.data.class_names)
-    model.load_weakclip_state_dict(conversion.state, str(path))
-    return model, cfg, conversion
-
-
-def convert_checkpoint(src: str | Path, dst: str | Path, base: Config, **heads: int | None) -> dict:
-    """``weakclip convert-checkpoint``: a released ``.pth`` -> a weakclip safetensors checkpoint.
-
-    The written file stores the derived config (``load_refiner`` rebuilds the model from it), the source's
-    sha256 and the list of ignored official keys with their reasons. Returns a summary.
-    """
-    from .config import checkpoint_metadata
-    from .engine import save_weights
-    from .fileio import file_sha256
-
-    model, cfg, conversion = load_released(src, base, **heads)
-    meta = {**checkpoint_metadata(cfg), "converted_from": Path(src).name, "source_sha256": file_sha256(src),
-            "ignored_keys": json.dumps(conversion.ignored)}
-    save_weights(Path(dst), model, meta)
-    return {"output": str(dst), "mapped": len(conversion.mapping), "ignored": len(conversion.ignored),
-            "ignored_reasons": sorted(set(conversion.ignored.values())), "classes": len(cfg.data.class_names),
-            "source_sha256": meta["source_sha256"]}

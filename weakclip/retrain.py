@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from .checkpoints import FORMAT as REFINER_FORMAT
 from .clip import IMAGENET_MEAN, IMAGENET_STD
 from .config import Config, config_from_dict, dump_config
 from .data.datasets import Sample, SegDataset, list_samples, preflight
@@ -38,7 +39,6 @@ from .released import is_torch_archive
 from .segmenters import Segmenter, build_segmenter
 
 SEGMENTER_FORMAT = "segmenter"  # the "format" entry of a retrained segmenter's weights header
-REFINER_FORMAT = "weakclip"  # the one ``weakclip.config.checkpoint_metadata`` writes
 FORMATS = ("png", "voc-test")
 # The PASCAL VOC evaluation server reads results/VOC2012/Segmentation/comp6_test_cls/<id>.png from the
 # uploaded archive; comp6 is the competition for methods trained with data beyond VOC (ImageNet, CLIP).
@@ -178,10 +178,12 @@ def segmenter_predictor(model: Segmenter, device: torch.device, precision: str =
     return predict
 
 
-def load_predictor(cfg: Config, checkpoint: str | Path, device: torch.device) -> tuple[Predictor, nn.Module]:
-    """A Predictor and its model from a retrained-segmenter or a WeakCLIP refiner checkpoint, told apart by
-    the header. A released ``.pth`` is a refiner. For refiners, ``cfg.infer.view_resize`` "auto" is resolved
-    here."""
+def load_predictor(cfg: Config, checkpoint: str | Path, device: torch.device
+                   ) -> tuple[Predictor, nn.Module, Config]:
+    """A Predictor, its model and the run config with the inference settings it runs with, from a
+    retrained-segmenter or a WeakCLIP refiner checkpoint, told apart by the header. A released ``.pth`` is a
+    refiner; for refiners ``infer.view_resize`` "auto" is resolved, and the model's outputs are ``cfg``'s
+    classes first (:func:`weakclip.checkpoints.load_refiner`). ``cfg`` is not changed."""
     checkpoint = Path(checkpoint)
     if is_torch_archive(checkpoint):
         kind = REFINER_FORMAT
@@ -190,9 +192,10 @@ def load_predictor(cfg: Config, checkpoint: str | Path, device: torch.device) ->
         kind = header.get("format")
     if kind == SEGMENTER_FORMAT:
         model = load_segmenter(cfg, checkpoint, header)
-        return segmenter_predictor(model, device, cfg.infer.precision), model
+        return segmenter_predictor(model, device, cfg.infer.precision), model, cfg
     if kind == REFINER_FORMAT:
-        return refiner_from_checkpoint(cfg, checkpoint, device)
+        predictor, model, used = refiner_from_checkpoint(cfg, checkpoint, device)
+        return predictor, model, dataclasses.replace(cfg, infer=used.infer)
     raise WeakclipError(f"{checkpoint}: not written by `weakclip retrain` or `weakclip train` "
                         f"(header format {kind!r}, expected '{SEGMENTER_FORMAT}' or '{REFINER_FORMAT}')")
 
@@ -232,14 +235,14 @@ def predict(cfg: Config, checkpoint: str | Path, split: str, output: str | Path,
     output = Path(output)
     info = info or init_distributed(INFERENCE_TIMEOUT)
     samples = run_once(lambda: split_samples(cfg, split), info)
-    predictor, model = load_predictor(cfg, checkpoint, info.device)
+    predictor, model, cfg = load_predictor(cfg, checkpoint, info.device)
     maps_dir = "labels" if fmt == "voc-test" else "."
     fingerprint = run_once(lambda: inference_fingerprint(cfg, checkpoint, model, samples, use_labels=False), info)
     summary = write_label_maps(
         predictor, samples, output, cfg.infer, info, {**fingerprint, "format": fmt},
         use_labels=False, crf_params=cfg.infer.crf_params if cfg.infer.crf else None,
         ignore_index=cfg.data.ignore_index, desc="predict", shard=shard, command="predict", reset=reset,
-        maps_dir=maps_dir, other_outputs=(str(VOC_TEST_DIR.parts[0]), "config.yaml"),
+        maps_dir=maps_dir, other_outputs=(str(VOC_TEST_DIR.parts[0]), "config.yaml"), num_classes=cfg.num_classes,
     )
     if not info.is_main:
         return None

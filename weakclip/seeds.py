@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import clip_weights_identity
 from .clip import load_clip
 from .clip_es import ClipES, seed_from_cams
 from .config import Config
@@ -26,7 +27,6 @@ from .data.masks import write_mask
 from .distributed import DistInfo, Shard, init_distributed, run_once
 from .errors import WeakclipError
 from .fileio import atomic_path
-from .infer import clip_weights_identity
 from .jobs import INFERENCE_TIMEOUT, OutputFolder, RenameGuard, run_jobs
 
 SOURCES = ("files", "clip-es")  # data.seeds_from

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from .clip import input_stats
-from .config import Config, checkpoint_metadata, config_from_dict, dump_config
+from .checkpoints import checkpoint_metadata, load_refiner
+from .config import Config, dump_config
 from .data.datasets import SegDataset, list_samples, preflight
 from .data.transforms import TrainTransform
 from .distributed import DistInfo, init_distributed
-from .engine import LoopSpec, load_weights, read_header, train_loop, warmup_cosine
+from .engine import LoopSpec, train_loop, warmup_cosine
 from .fileio import write_text_atomic
 from .losses import weakclip_losses
 from .model import WeakCLIP, build_model
-from .released import is_torch_archive, load_released
 
 
 def loop_spec(cfg: Config) -> LoopSpec:
@@ -28,16 +26,22 @@ def loop_spec(cfg: Config) -> LoopSpec:
                     log_every=t.log_every, val_every=t.val_every)
 
 
-def train_dataset(cfg: Config, progress: bool = True) -> SegDataset:
-    """The training split as an augmenting dataset, after a pre-flight check of every listed file."""
+def train_dataset(cfg: Config, progress: bool = True, model_cfg: Config | None = None) -> SegDataset:
+    """The training split of ``cfg`` as an augmenting dataset, after a pre-flight check of every listed file.
+
+    ``model_cfg``: the config of the model it feeds (default ``cfg``), whose normalisation sets the padding
+    colour and whose classes (``cfg``'s first, then any more the model has) size the image-level labels.
+    """
+    model_cfg = model_cfg or cfg
     samples = list_samples(cfg.data, need_seeds=True)
     preflight(samples, cfg.num_classes, cfg.data.ignore_index, progress=progress)
     t = cfg.train
     # Crops are padded with the model's mean colour: 0 after normalisation, as the released pipeline pads.
-    mean, _ = input_stats("imagenet" if cfg.model.released else cfg.model.clip.normalize)
+    m = model_cfg.model
+    mean, _ = input_stats("imagenet" if m.released else m.clip.normalize)
     transform = TrainTransform(t.crop_size, t.base_size, t.scale_range, t.cat_max_ratio, cfg.data.ignore_index,
-                               pad_value=[m * 255 for m in mean])
-    return SegDataset(samples, transform, cfg.num_classes, seed=t.seed, ignore_index=cfg.data.ignore_index)
+                               pad_value=[v * 255 for v in mean])
+    return SegDataset(samples, transform, model_cfg.num_classes, seed=t.seed, ignore_index=cfg.data.ignore_index)
 
 
 def refiner_loss(cfg: Config):
@@ -62,28 +66,15 @@ def build_optimizer(model: WeakCLIP, cfg: Config) -> torch.optim.Optimizer:
 
 
 def initial_model(cfg: Config, clip_model: nn.Module | None = None) -> tuple[WeakCLIP, Config]:
-    """The model training starts from, and the config that describes it.
+    """The model training starts from, and the config that describes it (``cfg`` is not changed).
 
-    Built from ``cfg``; with ``train.init_from`` its weights come from that checkpoint, which brings its own
-    architecture and classes: a released ``.pth`` (converted, in released mode) or a weakclip checkpoint
-    (the model section and class names stored in its header).
+    Built from ``cfg``; with ``train.init_from`` it is that checkpoint's model, with its architecture, CLIP
+    and weights (:func:`weakclip.checkpoints.load_refiner`): its classes are ``cfg``'s in ``cfg``'s order
+    (so the seeds' indices are its outputs'), then any more it has (trained, never supervised here).
     """
-    src = cfg.train.init_from
-    if src is not None and is_torch_archive(src):
-        model, released_cfg, _ = load_released(src, cfg)
-        return model, released_cfg
-    if src is not None:
-        stored = read_header(src).get("config")
-        if stored:
-            saved = config_from_dict(yaml.safe_load(stored))
-            cfg = dataclasses.replace(cfg, model=saved.model,
-                                      data=dataclasses.replace(cfg.data, class_names=saved.data.class_names))
-            if saved.model.clip.in_checkpoint:  # its CLIP weights come with it
-                clip_model = None
-    model = build_model(cfg.model, cfg.data.class_names, clip_model)
-    if src is not None:
-        load_weights(src, model)
-    return model, cfg
+    if cfg.train.init_from is None:
+        return build_model(cfg.model, cfg.data.class_names, clip_model), cfg
+    return load_refiner(cfg.train.init_from, cfg, clip_model)
 
 
 def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo | None = None,
@@ -97,17 +88,18 @@ def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo 
         from .seeds import with_generated_seeds
 
         cfg = with_generated_seeds(cfg, output / "seeds", info, reset)
-    dataset = train_dataset(cfg, progress=info.is_main)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model, cfg = initial_model(cfg, clip_model)
+    # The model first: a checkpoint's model (released normalisation, its classes) shapes the data.
+    model, model_cfg = initial_model(cfg, clip_model)
+    dataset = train_dataset(cfg, progress=info.is_main, model_cfg=model_cfg)
     if info.is_main:
-        write_text_atomic(output / "config.yaml", dump_config(cfg))
+        write_text_atomic(output / "config.yaml", dump_config(model_cfg))
     validate = None
     if cfg.data.val_split and cfg.train.val_every:  # None (with a note) without ground truth
         from .infer import validator
 
         validate = validator(cfg, info)
-    return train_loop(model, dataset, refiner_loss(cfg), build_optimizer(model, cfg),
+    return train_loop(model, dataset, refiner_loss(model_cfg), build_optimizer(model, model_cfg),
                       warmup_cosine(cfg.train.lr, cfg.train.iters, cfg.train.warmup_iters, cfg.train.min_lr),
-                      loop_spec(cfg), output, info, resume=resume, metadata=checkpoint_metadata(cfg),
+                      loop_spec(cfg), output, info, resume=resume, metadata=checkpoint_metadata(model_cfg),
                       validate=validate)

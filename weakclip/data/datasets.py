@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import pickle
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from tqdm import tqdm
 from ..config import DataConfig
 from ..errors import WeakclipError, warn
 from ..fileio import visible_files
+from ..safepickle import load_npy
 from .masks import read_mask
 
 # The 80 official COCO category ids, in order; contiguous class i (1..80) is COCO_CATEGORY_IDS[i - 1].
@@ -176,7 +176,8 @@ def _parse_labels(value: object, class_names: Sequence[str], where: str) -> list
 def read_labels_file(path: Path, class_names: Sequence[str]) -> dict[str, list[int]]:
     """Image-level labels: id -> foreground class indices (range not yet checked).
 
-    ``.json``: an object id -> entry; ``.npy``: a pickled dict id -> entry (entry: indices, names, one-hot);
+    ``.json``: an object id -> entry; ``.npy``: a pickled dict id -> entry (entry: indices, names, one-hot;
+    read without running code: dicts, lists, strings, numbers and numpy arrays only);
     ``.csv``: rows ``id,labels`` with labels separated by ``;`` or spaces, each a class index or name; an
     optional header row whose first field is ``id`` or ``image``.
     """
@@ -184,7 +185,8 @@ def read_labels_file(path: Path, class_names: Sequence[str]) -> dict[str, list[i
         raise WeakclipError(f"{path}: labels file not found")
     try:
         if path.suffix == ".npy":
-            raw = np.load(path, allow_pickle=True).item()
+            raw = load_npy(path)  # pickled objects built from plain types only: no code from data
+            raw = raw.item() if raw.shape == () else raw
         elif path.suffix == ".csv":
             raw = {}
             with path.open(newline="") as f:
@@ -194,7 +196,7 @@ def read_labels_file(path: Path, class_names: Sequence[str]) -> dict[str, list[i
                     raw[row[0].strip()] = " ".join(row[1:]).replace(";", " ").split()
         else:
             raw = json.loads(path.read_text())
-    except (OSError, ValueError, pickle.UnpicklingError, csv.Error) as exc:
+    except (OSError, ValueError, csv.Error) as exc:
         raise WeakclipError(f"{path}: cannot read labels ({exc})") from None
     if not isinstance(raw, dict):
         raise WeakclipError(f"{path}: expected a mapping id -> labels")

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ..clip import load_clip
 from ..config import Config, CRFConfig, InferConfig, LossConfig
-from ..crf import dense_crf_pydensecrf
 from ..infer import crf_inputs, finish_label_map, multiscale_probs, sliding_logits, view_probs
 from ..losses import weakclip_losses
 from ..model import WeakCLIP, build_model, cosine_score_map
@@ -55,7 +54,7 @@ def build_released_model(fixture: Path, config: dict) -> tuple[WeakCLIP, Config]
         state, str(fixture / "state_dict.safetensors"), vision_heads=m["backbone"]["heads"],
         text_heads=m["text_encoder"]["transformer_heads"], coattn_heads=m["context_decoder"]["transformer_heads"])
     cfg = released_config(Config(), conversion, m["class_names"])
-    model = build_model(cfg.model, cfg.data.class_names)
+    model = build_model(cfg.model, cfg.data.class_names, load_clip(cfg.model.clip, from_checkpoint=True))
     model.load_weakclip_state_dict(conversion.state, str(fixture))
     return model.eval(), cfg
 

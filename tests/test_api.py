@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_data_root, sample_ids, write_tiny_config
+from conftest import _shared, make_data_root, sample_ids, write_tiny_config
 from PIL import Image
 
 import weakclip
@@ -35,7 +35,7 @@ NAMES = VOC_CLASSES
 def setup(tmp_path_factory):
     """Three real sample images, a tiny config (two scales, flip, CRF in-process) and a tiny refiner checkpoint
     whose trainable weights are moved away from their initial values (a trained model's label maps differ)."""
-    from conftest import VOC_SAMPLE, _shared
+    from conftest import VOC_SAMPLE
 
     voc_sample = _shared(VOC_SAMPLE, "real data")
     tmp = tmp_path_factory.mktemp("api")
@@ -135,7 +135,8 @@ def test_stage_functions_return_summaries(setup, tmp_path):
     cfg = load_config(config)
     before = dataclasses.asdict(cfg)
     summary = pseudo_masks(cfg, ckpt, tmp_path / "pm")
-    assert summary == {"output": str(tmp_path / "pm"), "written": 3, "skipped": 0, "missing": 0}
+    assert summary == {"output": str(tmp_path / "pm"), "written": 3, "skipped": 0, "missing": 0,
+                       "other_class_pixels": 0}
     assert seeds(cfg, tmp_path / "seeds")["written"] == 3
     scores = evaluate(cfg, tmp_path / "pm", root / "SegmentationClass", ids=ids)
     # Against themselves, the label maps score 100 % over the classes they contain (255: not scored).
@@ -197,10 +198,9 @@ def test_save_pretrained_then_from_pretrained_gives_identical_logits(setup, tmp_
 def test_a_released_pth_loads_through_from_checkpoint(setup, tmp_path, monkeypatch):
     from test_released import FIXTURE, HEADS
 
-    from weakclip.released import load_released
+    from weakclip.checkpoints import load_released
 
-    if not FIXTURE.is_dir():
-        pytest.skip(f"parity fixture not found at {FIXTURE}")
+    _shared(FIXTURE, "the weakclip-tiny parity fixture")
     from safetensors.torch import load_file
 
     pth = tmp_path / "train_iter_8000.pth"

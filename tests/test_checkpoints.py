@@ -36,7 +36,8 @@ from weakclip.data.datasets import COCO_CATEGORY_IDS, read_labels_file
 from weakclip.data.masks import read_mask, write_mask
 from weakclip.engine import LoopSpec, read_header, save_weights, train_loop
 from weakclip.errors import WeakclipError
-from weakclip.infer import crf_inputs, label_filter, multiscale_probs, pseudo_masks, refiner_predictor
+from weakclip.infer import crf_inputs, label_filter, multiscale_probs, refiner_predictor
+from weakclip.jobs import pseudo_masks
 from weakclip.model import build_model
 from weakclip.released import convert_state_dict, released_config
 from weakclip.safepickle import torchscript_tensors

@@ -18,12 +18,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import Config, _resolve_file
 from ..errors import WeakclipError
-
-
-def _sha256(path: Path) -> str:
-    from ..infer import file_sha256
-
-    return file_sha256(path)
+from ..fileio import file_sha256
 
 
 def _manifest(pred_dir: Path | None) -> dict:
@@ -44,7 +39,7 @@ def _clip_identity(cfg: Config, manifest: dict) -> str:
         return "none (the maps' manifest records no refiner)"
     if isinstance(refiner, dict) and refiner.get("clip_weights"):
         return str(refiner["clip_weights"])
-    from ..infer import clip_weights_identity
+    from ..checkpoints import clip_weights_identity
 
     try:
         return clip_weights_identity(cfg.model.clip)
@@ -65,7 +60,7 @@ def protocol_card(cfg: Config, config_arg: str, overrides: Sequence[str] = (), p
     manifest = _manifest(pred_dir)
     try:
         config_file = _resolve_file(config_arg)
-        config = {"name": cfg.name, "file": str(config_file.resolve()), "sha256": _sha256(config_file)}
+        config = {"name": cfg.name, "file": str(config_file.resolve()), "sha256": file_sha256(config_file)}
     except WeakclipError:  # a config built in code, not read from a file
         config = {"name": cfg.name, "file": None, "sha256": None}
     config["overrides"] = list(overrides)
@@ -76,7 +71,7 @@ def protocol_card(cfg: Config, config_arg: str, overrides: Sequence[str] = (), p
     if list_path is not None:
         path = Path(list_path)
         ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-        listing = {"file": str(path.resolve()), "sha256": _sha256(path), "images": len(ids)}
+        listing = {"file": str(path.resolve()), "sha256": file_sha256(path), "images": len(ids)}
     crf = infer.get("crf_params") if infer.get("crf", True) else None
     return {
         "command": shlex.join(["weakclip", *(sys.argv[1:] if command is None else command)]),

@@ -7,6 +7,7 @@ The ``voc`` config's model (ViT-B/16, random weights: the time does not depend o
 VOC image (``IMAGE_ID``, labels 9 and 12) at scales 0.5, 1.0, 1.5 x flip, the ``voc`` window settings:
 - ``tower_fp32_s`` / ``tower_bf16_s``: the frozen image tower's forward on one window batch (the default
   windows per call, ``crop_size`` square), fp32 against bf16 weights (cast once, no autocast);
+  ``tower_autocast_s``: the same fp32 tower under bf16 autocast (its frozen weights cast at every call);
 - ``image_fp32_s`` / ``image_bf16_s``: the whole pseudo-mask image (multi-scale probabilities, Eq. 14 filter,
   dense CRF) at ``infer.precision`` fp32 and bf16; ``image_fp32_batch8_s``: fp32 at 8 windows per call (the
   former default);
@@ -155,6 +156,8 @@ def main() -> None:
 
     with torch.no_grad():
         result["tower_fp32_s"] = median_seconds(lambda: model.visual(x), repeat)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result["tower_autocast_s"] = median_seconds(lambda: model.visual(x), repeat)
         result["image_fp32_s"] = median_seconds(lambda: pseudo_mask(model, image, icfg), repeat)
         result["image_fp32_batch8_s"] = median_seconds(lambda: pseudo_mask(model, image, icfg, FORMER_BATCH), repeat)
         fp32 = pseudo_mask(model, image, icfg)

@@ -34,7 +34,8 @@ def test_precision_benchmark_smoke_run_prints_its_figures():
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["smoke"] is True and result["windows_per_call"] == 2
-    for key in ("tower_fp32_s", "tower_bf16_s", "image_fp32_s", "image_bf16_s", "image_fp32_batch8_s"):
+    for key in ("tower_fp32_s", "tower_autocast_s", "tower_bf16_s", "image_fp32_s", "image_bf16_s",
+                "image_fp32_batch8_s"):
         assert result[key] > 0
     assert 0.5 < result["label_agreement"] <= 1.0
     assert result["peak_rss_mb"] > 100 and result["peak_rss_mb_batch8"] > 100  # a fresh process with torch loaded

@@ -300,7 +300,8 @@ class ClipES:
     """CLIP-ES on a frozen open_clip CLIP: ``cams`` per image; text features are computed once here.
 
     Args:
-        model: an open_clip CLIP with a ViT image tower (fp32, eval, frozen).
+        model: an open_clip CLIP with a ViT image tower (fp32, eval, frozen); with ``cfg.precision`` fp16 or
+            bf16 it is cast to that dtype here, in place, once.
         class_names: all classes, background first (its prompt is never used).
         cfg: the ``seeds`` settings.
         device: where the model runs.

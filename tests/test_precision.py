@@ -190,3 +190,23 @@ def test_seeds_cast_the_clip_model_once_and_run_without_autocast(tiny_clip_cfg):
     with CastRecorder(weights) as rec:
         cams = method.cams(image, [1, 2])
     assert rec.casts == 0 and cams.shape == (2, 48, 64) and np.isfinite(cams).all()
+
+
+def test_train_runs_the_loop_at_the_resolved_precision_with_the_towers_cast(monkeypatch, tmp_path, tiny_clip_cfg):
+    import weakclip.train as train_module
+    from weakclip.distributed import DistInfo
+
+    seen = {}
+    monkeypatch.setattr(train_module, "train_dataset", lambda cfg, progress=True: None)
+    monkeypatch.setattr(train_module, "train_loop",
+                        lambda model, dataset, loss, optimizer, lr, spec, *args, **kwargs: seen.update(
+                            spec=spec, dtype=model.visual.visual.conv1.weight.dtype, ctx=model.text.ctx.dtype))
+    info = DistInfo(0, 1, 0, CPU)
+    cfg = Config()
+    cfg.model.clip, cfg.model.decoder_channels, cfg.train.amp = tiny_clip_cfg, 32, "bf16"
+    train_module.train(cfg, tmp_path / "bf16", info=info)
+    assert seen == {"spec": seen["spec"], "dtype": torch.bfloat16, "ctx": torch.float32}
+    assert seen["spec"].amp == "bf16"
+    cfg.train.amp = "auto"  # on a CPU: fp32
+    train_module.train(cfg, tmp_path / "auto", info=info)
+    assert seen["spec"].amp == "fp32" and seen["dtype"] == torch.float32

@@ -185,9 +185,9 @@ def multiscale_probs(predict: Predictor, image: np.ndarray, icfg: InferConfig, d
     return total / len(views)
 
 
-# Windows per network call. On CPUs a larger batch buys at most ~10% (ViT-B/16, 512 windows) and each window
-# holds its activations: two keep inference within the released code's memory. On GPUs, as many as fit in
-# half the free memory at WINDOW_GPU_BYTES per crop_size^2 window (fp32 ViT-B/16 at 512 with margin), up to 16.
+# Windows per network call. On CPUs 8 were no faster than 2 (benchmarks/precision.py, ViT-B/16, 512 windows)
+# while each window holds its activations: 2 keep the fp32 image near 2 GB instead of 3. On GPUs, as many as
+# fit in half the free memory at WINDOW_GPU_BYTES per crop_size^2 window (a budget with margin), up to 16.
 CPU_WINDOWS = 2
 MAX_GPU_WINDOWS = 16
 WINDOW_GPU_BYTES = 1 << 30

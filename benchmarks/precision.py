@@ -68,7 +68,8 @@ def setup(smoke: bool) -> tuple[Config, WeakCLIP, np.ndarray]:
     """The config (voc, or a tiny one for the smoke run), its model with random weights, and the image."""
     overrides = ["model.clip.pretrained=null", f"infer.scales={SCALES}", "infer.flip=true"]
     if smoke:
-        overrides += ["infer.short_side=64", "infer.crop_size=64", "infer.stride=43", "model.decoder_channels=32"]
+        overrides += ["infer.short_side=64", "infer.crop_size=64", "infer.stride=43",
+                      "model.decoder_channels=32"]
     cfg = load_config("voc", overrides)
     if smoke:
         cfg.model.clip = dataclasses.replace(cfg.model.clip, arch=SMOKE_ARCH)
@@ -83,7 +84,8 @@ def setup(smoke: bool) -> tuple[Config, WeakCLIP, np.ndarray]:
     return cfg, model, image
 
 
-def pseudo_mask(model: WeakCLIP, image: np.ndarray, icfg: InferConfig, batch_size: int | None = None) -> np.ndarray:
+def pseudo_mask(model: WeakCLIP, image: np.ndarray, icfg: InferConfig, batch_size: int | None = None
+                ) -> np.ndarray:
     """The image's pseudo mask (H, W) uint8 as ``weakclip pseudo-masks`` makes it, at the model's precision."""
     device = torch.device("cpu")
     probs = multiscale_probs(refiner_predictor(model, device), image, icfg, device, batch_size=batch_size)
@@ -149,7 +151,8 @@ def main() -> None:
     icfg = cfg.infer
     windows = window_batch_size(icfg, device)
     x = torch.randn(windows, 3, icfg.crop_size, icfg.crop_size)
-    result: dict = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "native_bf16": native(torch.bfloat16, device),
+    result: dict = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
+                    "native_bf16": native(torch.bfloat16, device),
                     "load_average": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
                     "smoke": args.smoke, "image": "random 48 x 64" if args.smoke else f"{IMAGE_ID} 500 x 375",
                     "scales": SCALES, "flip": True, "windows_per_call": windows}
@@ -159,7 +162,8 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             result["tower_autocast_s"] = median_seconds(lambda: model.visual(x), repeat)
         result["image_fp32_s"] = median_seconds(lambda: pseudo_mask(model, image, icfg), repeat)
-        result["image_fp32_batch8_s"] = median_seconds(lambda: pseudo_mask(model, image, icfg, FORMER_BATCH), repeat)
+        result["image_fp32_batch8_s"] = median_seconds(lambda: pseudo_mask(model, image, icfg, FORMER_BATCH),
+                                                       repeat)
         fp32 = pseudo_mask(model, image, icfg)
         model.set_compute_dtype(torch.bfloat16)
         xb = x.to(torch.bfloat16)

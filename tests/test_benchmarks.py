@@ -29,8 +29,8 @@ def test_gpu_benchmark_smoke_run_prints_its_figures():
 
 def test_precision_benchmark_smoke_run_prints_its_figures():
     # --smoke: a tiny CLIP and a toy image through the very code of the README's fp32/bf16 figures.
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "precision.py"), "--smoke", "--json"], capture_output=True,
-                          check=False, text=True, timeout=600, cwd=BENCHMARKS)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "precision.py"), "--smoke", "--json"],
+                          capture_output=True, check=False, text=True, timeout=600, cwd=BENCHMARKS)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["smoke"] is True and result["windows_per_call"] == 2
@@ -38,4 +38,5 @@ def test_precision_benchmark_smoke_run_prints_its_figures():
                 "image_fp32_batch8_s"):
         assert result[key] > 0
     assert 0.5 < result["label_agreement"] <= 1.0
-    assert result["peak_rss_mb"] > 100 and result["peak_rss_mb_batch8"] > 100  # a fresh process with torch loaded
+    # A fresh process with torch loaded.
+    assert result["peak_rss_mb"] > 100 and result["peak_rss_mb_batch8"] > 100

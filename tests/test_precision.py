@@ -93,7 +93,8 @@ def test_bf16_predictions_follow_fp32(tiny_model):
         fp32 = refiner_predictor(tiny_model, CPU, "fp32")(images)
         bf16 = refiner_predictor(tiny_model, CPU, "bf16")(images).float()
     assert not torch.equal(fp32, bf16)
-    # bf16 keeps 8 significant bits: errors of a few percent of the logits' range, same argmax almost everywhere.
+    # bf16 keeps 8 significant bits: errors of a few percent of the logits' range, the same argmax almost
+    # everywhere.
     assert (fp32 - bf16).abs().max() < 0.05 * fp32.abs().max()
     assert (fp32.argmax(1) == bf16.argmax(1)).float().mean() > 0.95
 
@@ -192,7 +193,8 @@ def test_seeds_cast_the_clip_model_once_and_run_without_autocast(tiny_clip_cfg):
     assert rec.casts == 0 and cams.shape == (2, 48, 64) and np.isfinite(cams).all()
 
 
-def test_train_runs_the_loop_at_the_resolved_precision_with_the_towers_cast(monkeypatch, tmp_path, tiny_clip_cfg):
+def test_train_runs_the_loop_at_the_resolved_precision_with_the_towers_cast(monkeypatch, tmp_path,
+                                                                           tiny_clip_cfg):
     import weakclip.train as train_module
     from weakclip.distributed import DistInfo
 

@@ -359,7 +359,8 @@ class ClipES:
         gh, gw = pixels.shape[2] // self.patch, pixels.shape[3] // self.patch
         idx = torch.tensor([c - 1 for c in labels] + list(range(self.num_fg, self.text.shape[0])),
                            device=self.device)
-        tokens, attns = encode_until_last(self.model.visual, pixels, self.attn_from, cfg.released, exact=cfg.released)
+        tokens, attns = encode_until_last(self.model.visual, pixels, self.attn_from, cfg.released,
+                                          exact=cfg.released)
         last = last_block_gradcam(self.model, tokens, self.text[idx], k, batched=self.batched_backward)
         raw = gradcam(_numpy(last.activation), _numpy(last.grads), gh, gw)
         aff, trans = transition_matrix([*attns, last.attention], cfg.sinkhorn_iters)

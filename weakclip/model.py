@@ -276,8 +276,8 @@ class WeakCLIP(nn.Module):
     def forward(self, images: Tensor, text: Tensor | None = None) -> dict[str, Tensor]:
         """images (B, 3, H, W) RGB 0..255 -> {"logits": (B, K, ceil(H/4), ceil(W/4)), "score_map": (B, K, h, w)}.
 
-        ``text``: the class embeddings (K, D) of :meth:`class_embeddings`, which do not depend on the images; pass
-        them to reuse one computation over many forwards (inference), else they are computed here.
+        ``text``: the class embeddings (K, D) of :meth:`class_embeddings`, which do not depend on the images;
+        pass them to reuse one computation over many forwards (inference), else they are computed here.
         """
         return self.forward_normalized(self.normalize(images), text)
 
@@ -295,7 +295,8 @@ class WeakCLIP(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             feats = self.visual(x.to(self.compute_dtype) if half else x)  # taps, pixel and global embeddings
         if half:  # the trainable modules take float32 (autocast, when open, casts for them)
-            feats = VisualFeatures([t.float() for t in feats.taps], feats.dense.float(), feats.global_embedding.float())
+            feats = VisualFeatures([t.float() for t in feats.taps], feats.dense.float(),
+                                   feats.global_embedding.float())
         text = (self.class_embeddings() if text is None else text).expand(x.shape[0], -1, -1)  # (B, K, D)
         text, pixels = self.co_attention(text, feats.dense, feats.global_embedding)  # Eq. 7-8
         score = cosine_score_map(text, pixels)  # Eq. 9

@@ -25,3 +25,18 @@ def test_gpu_benchmark_smoke_run_prints_its_figures():
     assert result["crf_workers"] == 0  # --smoke runs the CRF in the process: no pool to start
     assert result["pseudo_mask_model_fp32_images_per_s"] > 0 and result["pseudo_mask_model_bf16_images_per_s"] > 0
     assert 0.0 <= result["fp32_vs_bf16_pixel_agreement"] <= 1.0
+
+
+def test_precision_benchmark_smoke_run_prints_its_figures():
+    # --smoke: a tiny CLIP and a toy image through the very code of the README's fp32/bf16 figures.
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "precision.py"), "--smoke", "--json"],
+                          capture_output=True, check=False, text=True, timeout=600, cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["smoke"] is True and result["windows_per_call"] == 2
+    for key in ("tower_fp32_s", "tower_autocast_s", "tower_bf16_s", "image_fp32_s", "image_bf16_s",
+                "image_fp32_batch8_s"):
+        assert result[key] > 0
+    assert 0.5 < result["label_agreement"] <= 1.0
+    # A fresh process with torch loaded.
+    assert result["peak_rss_mb"] > 100 and result["peak_rss_mb_batch8"] > 100

@@ -316,8 +316,8 @@ class Refiner:
         card ``README.md`` (classes, backbone, CLIP weights' identity, training settings, seeds' source, the
         inference protocol and ``metrics`` when given, e.g. {"pseudo-mask mIoU (VOC train)": 0.74}).
         Returns the folder."""
-        from .engine import save_weights
         from .checkpoints import checkpoint_metadata
+        from .engine import save_weights
 
         folder = Path(folder)
         save_weights(folder / WEIGHTS, self.model, checkpoint_metadata(self.config))

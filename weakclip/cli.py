@@ -184,8 +184,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_convert_checkpoint(args) -> None:
-    from .config import load_config
     from .checkpoints import convert_checkpoint
+    from .config import load_config
 
     summary = convert_checkpoint(args.input, args.output, load_config(args.config, args.overrides),
                                  vision_heads=args.vision_heads, text_heads=args.text_heads,

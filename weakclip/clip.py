@@ -165,6 +165,25 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
+def cast_frozen_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``module``'s frozen weights (floating parameters that do not require grad) and floating buffers to
+    ``dtype``, in place, once; trainable parameters are left as they are. Returns ``module``.
+
+    Autocast caches its casts only for weights that require grad: a frozen tower run under autocast is cast
+    (and re-laid out for the half-precision kernels) at every call, slower than fp32 on CPUs. Held in the
+    compute dtype, it runs outside autocast with no cast at all. Casting back to float32 does not restore
+    the bits a half type dropped.
+    """
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point() and not p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != dtype:
+                m._buffers[name] = b.to(dtype)
+    return module
+
+
 def clip_architecture(cfg: ClipConfig) -> nn.Module:
     """The frozen open_clip model of ``cfg`` with every tensor on the meta device: the architecture only
     (shapes, parameter counts) in a moment, no weights read, fetched or even initialised."""

@@ -32,14 +32,14 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 from torch import Tensor, nn
 
-from .clip import CLIP_MEAN, CLIP_STD, resize_positions
+from .clip import CLIP_MEAN, CLIP_STD, cast_frozen_, resize_positions
 from .config import SeedsConfig
 from .crf import dense_crf_pydensecrf
 from .errors import WeakclipError
+from .precision import HALF, compute_dtype, warn_if_slow
 
 # The released code's "mean_bgr" subtracted from the CRF colour image (its bug; see ``crf_image``).
 CRF_MEAN_BGR = (104.008, 116.669, 122.675)
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _cv2():
@@ -300,7 +300,8 @@ class ClipES:
     """CLIP-ES on a frozen open_clip CLIP: ``cams`` per image; text features are computed once here.
 
     Args:
-        model: an open_clip CLIP with a ViT image tower (fp32, eval, frozen).
+        model: an open_clip CLIP with a ViT image tower (fp32, eval, frozen); with ``cfg.precision`` fp16 or
+            bf16 it is cast to that dtype here, in place, once.
         class_names: all classes, background first (its prompt is never used).
         cfg: the ``seeds`` settings.
         device: where the model runs.
@@ -309,8 +310,7 @@ class ClipES:
     def __init__(self, model: nn.Module, class_names: Sequence[str], cfg: SeedsConfig,
                  device: torch.device | str = "cpu"):
         check_visual(model.visual)
-        if cfg.precision not in _DTYPES:
-            raise WeakclipError(f"seeds.precision: expected one of {', '.join(_DTYPES)}, got {cfg.precision!r}")
+        dtype = compute_dtype(cfg.precision, "seeds.precision")
         if not 0 < cfg.box_threshold < 1:
             raise WeakclipError(f"seeds.box_threshold: expected a number in (0, 1), got {cfg.box_threshold}")
         self.cfg = cfg
@@ -318,6 +318,9 @@ class ClipES:
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if dtype in HALF:  # cast once: no autocast re-casts the frozen weights at every image
+            warn_if_slow(dtype, self.device, "seeds.precision")
+            cast_frozen_(self.model, dtype)
         self.class_names = list(class_names)
         self.patch = int(model.visual.conv1.kernel_size[0])
         depth = len(model.visual.transformer.resblocks)
@@ -331,10 +334,6 @@ class ClipES:
         # label of the same single forward measured faster (1.19 s against 1.49 s for ViT-B/16, 768 tokens,
         # 2 labels, 1 thread). The released code runs the forward again for every label.
         self.batched_backward = not cfg.released and self.device.type != "cpu"
-
-    def _autocast(self):
-        dtype = _DTYPES[self.cfg.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def check_labels(self, labels: Sequence[int], where: str) -> list[int]:
         """Image labels as a list of distinct foreground indices; an empty or out-of-range list is an error."""
@@ -355,15 +354,14 @@ class ClipES:
         h0, w0 = image.shape[:2]
         labels = self.check_labels(labels, "labels")
         k = len(labels)
-        work = _work_dtype(self.model.visual.conv1.weight.dtype)
-        pixels = preprocess(image, self.patch, work).to(self.device)
+        weight = self.model.visual.conv1.weight.dtype
+        pixels = preprocess(image, self.patch, _work_dtype(weight)).to(self.device, weight)
         gh, gw = pixels.shape[2] // self.patch, pixels.shape[3] // self.patch
         idx = torch.tensor([c - 1 for c in labels] + list(range(self.num_fg, self.text.shape[0])),
                            device=self.device)
-        with self._autocast():
-            tokens, attns = encode_until_last(self.model.visual, pixels, self.attn_from, cfg.released,
-                                              exact=cfg.released)
-            last = last_block_gradcam(self.model, tokens, self.text[idx], k, batched=self.batched_backward)
+        tokens, attns = encode_until_last(self.model.visual, pixels, self.attn_from, cfg.released,
+                                          exact=cfg.released)
+        last = last_block_gradcam(self.model, tokens, self.text[idx], k, batched=self.batched_backward)
         raw = gradcam(_numpy(last.activation), _numpy(last.grads), gh, gw)
         aff, trans = transition_matrix([*attns, last.attention], cfg.sinkhorn_iters)
         trans = trans.cpu()

@@ -131,7 +131,8 @@ class SeedsConfig:
     crf_params: CRFConfig = field(default_factory=lambda: CRFConfig(1.0, 3.0, 67.0, 3.0, 4.0, 10))
     confidence: float = 0.95  # CRF confidence below this -> ignore (255)
     bg_power: float = 1.0  # without CRF: background score (1 - max CAM)^power
-    precision: str = "fp32"  # "fp32", "fp16" or "bf16" (the released code runs fp16 on GPUs)
+    # "fp32", "fp16" or "bf16": the CLIP model cast to it once (the released code runs fp16 on GPUs).
+    precision: str = "fp32"
     crf_workers: int = 2
 
 
@@ -177,7 +178,9 @@ class TrainConfig:
     weight_decay: float = 3e-5
     warmup_iters: int = 1500
     min_lr: float = 1e-6
-    amp: str = "auto"  # "auto" (bf16 on GPUs, fp32 on CPU), "bf16" or "fp32"
+    # "auto": bf16 on GPUs with native bf16, else fp32, and fp32 in released mode (as the released code trains);
+    # "bf16" (the frozen CLIP towers held in bf16, the rest under autocast) or "fp32".
+    amp: str = "auto"
     workers: int = 4
     seed: int = 504
     checkpoint_every: int = 1000
@@ -200,10 +203,14 @@ class InferConfig:
     crf_params: CRFConfig = field(
         default_factory=lambda: CRFConfig(3.0, 3.0, 83.0, 5.0, 3.0, 10)
     )
-    batch_size: int = 8  # windows per network call, across views and flips (speed only)
+    # Windows per network call, across views and flips (speed and memory only); null: 2 on CPUs, on GPUs as
+    # many as fit in half the free memory, up to 16.
+    batch_size: int | None = None
     crf_workers: int | None = None  # CRF processes; null: the cores available to the process but one
     save_probs_size: int = 128  # --save-probs keeps float16 probabilities at this short side
-    precision: str = "fp32"  # "fp32" (as released) or "bf16" (autocast, for GPUs)
+    # "fp32" (as released) or "bf16": the frozen CLIP towers cast to bf16 once, the rest under bf16 autocast;
+    # pays on GPUs and on CPUs with AMX or AVX512-BF16 (elsewhere it is slower, with a warning).
+    precision: str = "fp32"
     # How views are resized: "torch" (bilinear, antialiased when shrinking), "cv2" (OpenCV bilinear on uint8,
     # the released test pipeline; needs weakclip[released]), "auto": cv2 for released models, else torch.
     view_resize: str = "auto"

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .distributed import DistInfo, barrier
 from .errors import WeakclipError
 from .fileio import atomic_path, write_text_atomic
+from .precision import native, warn_if_slow
 
 # ----------------------------------------------------------------------------------------- data stream
 
@@ -243,12 +244,20 @@ class LoopSpec:
     val_every: int = 0
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``train.amp`` on ``device``: "auto" is bf16 on GPUs with native bf16, else fp32; "bf16" where the device
+    has no native bf16 runs, with a warning that it is slower than fp32."""
+    if amp not in ("auto", "bf16", "fp32"):
+        raise WeakclipError(f"train.amp: expected auto, bf16 or fp32, got '{amp}'")
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" and native(torch.bfloat16, device) else "fp32"
+    if amp == "bf16":
+        warn_if_slow(torch.bfloat16, device, "train.amp")
+    return amp
+
+
 def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "fp32" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp in ("auto", "bf16"):
-        return torch.bfloat16
-    raise WeakclipError(f"train.amp: expected auto, bf16 or fp32, got '{amp}'")
+    return torch.bfloat16 if resolve_amp(amp, device) == "bf16" else None
 
 
 def _collate(items: list[dict]) -> dict:

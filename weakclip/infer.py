@@ -22,6 +22,7 @@ from .crf import dense_crf_pydensecrf
 from .data.datasets import load_image
 from .distributed import DistInfo, all_reduce_sum, launch_share
 from .errors import WeakclipError
+from .precision import HALF, compute_dtype, warn_if_slow
 
 # images (B, 3, h, w) uint8 RGB -> logits (B, K, h', w') at any resolution (resized to the window here).
 Predictor = Callable[[Tensor], Tensor]
@@ -136,11 +137,12 @@ def multiscale_probs(predict: Predictor, image: np.ndarray, icfg: InferConfig, d
 
     Per view (scale x flip, resized by ``icfg.view_resize``): sliding-window logits, resized to (H, W),
     softmax, un-flipped; the views' probabilities are averaged. Windows go through the network
-    ``batch_size`` at a time (default ``icfg.batch_size``), across views; the result equals the
+    ``batch_size`` at a time (default :func:`window_batch_size`), across views; the result equals the
     one-window-at-a-time result up to float rounding.
     """
     scales = icfg.scales if scales is None else scales
     flip = icfg.flip if flip is None else flip
+    batch_size = batch_size or window_batch_size(icfg, device)
     h, w = image.shape[:2]
     views, flipped = [], []
     for s in scales:
@@ -148,10 +150,30 @@ def multiscale_probs(predict: Predictor, image: np.ndarray, icfg: InferConfig, d
         views += [x, x.flip(-1)] if flip else [x]
         flipped += [False, True] if flip else [False]
     total = None
-    for _, probs in _view_probs(predict, views, flipped, (h, w), icfg.crop_size, icfg.stride,
-                                batch_size or icfg.batch_size):
+    for _, probs in _view_probs(predict, views, flipped, (h, w), icfg.crop_size, icfg.stride, batch_size):
         total = probs if total is None else total + probs
     return total / len(views)
+
+
+# Windows per network call. On CPUs 8 were no faster than 2 (benchmarks/precision.py, ViT-B/16, 512 windows)
+# while each window holds its activations: 2 keep the fp32 image near 2 GB instead of 3. On GPUs, as many as
+# fit in half the free memory at WINDOW_GPU_BYTES per crop_size^2 window (a budget with margin), up to 16.
+CPU_WINDOWS = 2
+MAX_GPU_WINDOWS = 16
+WINDOW_GPU_BYTES = 1 << 30
+
+
+def window_batch_size(icfg: InferConfig, device: torch.device) -> int:
+    """``icfg.batch_size`` when set, else the device's default: :data:`CPU_WINDOWS` on CPUs; on a CUDA GPU
+    the windows that fit in half its free memory, 1 to :data:`MAX_GPU_WINDOWS`."""
+    if icfg.batch_size is not None:
+        return icfg.batch_size
+    if device.type != "cuda":
+        return CPU_WINDOWS
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
+    per_window = WINDOW_GPU_BYTES * (icfg.crop_size / 512) ** 2
+    return max(1, min(MAX_GPU_WINDOWS, int(free / 2 // per_window)))
 
 
 def label_filter(probs: Tensor, labels: Sequence[int] | None, ignore_index: int = 255, live: int | None = None
@@ -206,19 +228,25 @@ def finish_label_map(kept: np.ndarray, keys: Sequence[int], image: np.ndarray, u
 # ------------------------------------------------------------------------------------------- models
 
 
-def refiner_predictor(model: torch.nn.Module, device: torch.device, precision: str = "fp32") -> Predictor:
-    """A WeakCLIP model as a Predictor: fp32 (as released), or ``precision`` "bf16" autocast (for GPUs). The
-    class embeddings, which do not depend on the image, are computed at the first call and reused for every
-    later window."""
-    if precision not in ("fp32", "bf16"):
-        raise WeakclipError(f"infer.precision: expected fp32 or bf16, got '{precision}'")
+def refiner_predictor(model: torch.nn.Module, device: torch.device, precision: str | None = None) -> Predictor:
+    """A WeakCLIP model as a Predictor at ``precision``: "fp32" (as released) or "bf16", which casts the frozen
+    CLIP towers once (``model.set_compute_dtype``) and runs the trainable modules under bf16 autocast; None
+    keeps the model's own ``compute_dtype``. bf16 where the device has no native bf16 runs, with a warning.
+    The class embeddings, which do not depend on the image, are computed at the first call and reused for
+    every later window."""
+    if precision is not None:
+        model.set_compute_dtype(compute_dtype(precision, "infer.precision", ("fp32", "bf16")))
     model.to(device).eval()
+    dtype = model.compute_dtype
+    half = dtype in HALF
+    if half:
+        warn_if_slow(dtype, device, "infer.precision")
     text: list[Tensor] = []
 
     def predict(images: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half):
             if not text:
-                text.append(model.text())
+                text.append(model.class_embeddings())
             return model(images, text=text[0])["logits"]
 
     return predict

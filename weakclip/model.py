@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import VisualBackbone, build_backbone
+from .backbones import VisualBackbone, VisualFeatures, build_backbone
 from .clip import (
     PromptTextEncoder,
+    cast_frozen_,
     check_shapes,
     clip_architecture,
     input_stats,
@@ -31,6 +32,7 @@ from .clip import (
 from .coattention import build_co_attention
 from .config import ModelConfig
 from .errors import WeakclipError
+from .precision import HALF
 
 # Checkpoint key of the text position table when CLIP's weights are stored with the refiner's.
 TEXT_POSITIONS = "text.positional_embedding"
@@ -237,6 +239,10 @@ class WeakCLIP(nn.Module):
     (B, K, ceil(H/4), ceil(W/4)) and ``score_map`` (B, K, h, w) (cosine, at the backbone's dense stride: ceil(H/16)
     for ViT-B/16); with ``cfg.released`` a ViT's sizes are 4 floor(H/16) and floor(H/16), as the released
     patch convolution truncates.
+
+    The frozen CLIP towers compute in ``compute_dtype`` (float32 unless :meth:`set_compute_dtype` says
+    otherwise) outside any autocast region; the trainable modules hold float32 weights and take float32
+    inputs, under the caller's autocast when there is one.
     """
 
     def __init__(self, cfg: ModelConfig, class_names: list[str], clip_model: nn.Module | None = None):
@@ -268,6 +274,17 @@ class WeakCLIP(nn.Module):
             self.head = SemanticFPNHead(cfg.decoder_channels, k, cfg.decoder_dropout)
         else:
             self.adapter = self.neck = self.head = None
+        self.compute_dtype = torch.float32
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> WeakCLIP:
+        """Hold the frozen CLIP towers (image and text) in ``dtype``, cast once here (:func:`cast_frozen_`);
+        they then run outside autocast, and the trainable modules run under autocast of ``dtype`` (the
+        inference predictor and the training loop open it). float32 is the default and exact; bf16 and fp16
+        pay only where the hardware has them (:func:`weakclip.precision.native`). Returns the model."""
+        cast_frozen_(self.visual, dtype)
+        cast_frozen_(self.text, dtype)
+        self.compute_dtype = dtype
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -280,15 +297,28 @@ class WeakCLIP(nn.Module):
     def forward(self, images: Tensor, text: Tensor | None = None) -> dict[str, Tensor]:
         """images (B, 3, H, W) RGB 0..255 -> {"logits": (B, K, ceil(H/4), ceil(W/4)), "score_map": (B, K, h, w)}.
 
-        ``text``: the class embeddings (K, D) of ``self.text()``, which do not depend on the images; pass
-        them to reuse one computation over many forwards (inference), else they are computed here.
+        ``text``: the class embeddings (K, D) of :meth:`class_embeddings`, which do not depend on the images;
+        pass them to reuse one computation over many forwards (inference), else they are computed here.
         """
         return self.forward_normalized(self.normalize(images), text)
 
+    def class_embeddings(self) -> Tensor:
+        """The prompts through the frozen text tower -> class embeddings (K, D) float32. The tower runs in
+        :attr:`compute_dtype` outside autocast; gradients reach the learnable context."""
+        with torch.autocast(self.mean.device.type, enabled=False):
+            text = self.text()
+        return text.float() if self.compute_dtype in HALF else text
+
     def forward_normalized(self, x: Tensor, text: Tensor | None = None) -> dict[str, Tensor]:
         """:meth:`forward` on an already normalised input x (B, 3, H, W)."""
-        feats = self.visual(x)  # frozen CLIP image tower: taps, pixel and global embeddings
-        text = (self.text() if text is None else text).expand(x.shape[0], -1, -1)  # prompts -> (B, K, D)
+        half = self.compute_dtype in HALF
+        # The frozen tower runs in its own dtype: under autocast its weights would be cast at every call.
+        with torch.autocast(x.device.type, enabled=False):
+            feats = self.visual(x.to(self.compute_dtype) if half else x)  # taps, pixel and global embeddings
+        if half:  # the trainable modules take float32 (autocast, when open, casts for them)
+            feats = VisualFeatures([t.float() for t in feats.taps], feats.dense.float(),
+                                   feats.global_embedding.float())
+        text = (self.class_embeddings() if text is None else text).expand(x.shape[0], -1, -1)  # (B, K, D)
         text, pixels = self.co_attention(text, feats.dense, feats.global_embedding)  # Eq. 7-8
         score = cosine_score_map(text, pixels)  # Eq. 9
         out_size = (-(-x.shape[2] // 4), -(-x.shape[3] // 4))
@@ -327,11 +357,13 @@ class WeakCLIP(nn.Module):
         """Everything but the frozen CLIP weights (those come from the CLIP checkpoint): params and BN stats.
 
         With ``cfg.clip.in_checkpoint`` the CLIP weights are kept too, the text tower's position table
-        (a buffer outside ``state_dict``) included.
+        (a buffer outside ``state_dict``) included, in float32 whatever :attr:`compute_dtype` (a model cast to
+        a half type stores its rounded values).
         """
         state = self.state_dict()
         if self.cfg.clip.in_checkpoint:
-            return {**state, TEXT_POSITIONS: self.text.positional_embedding}
+            state = {**state, TEXT_POSITIONS: self.text.positional_embedding}
+            return {k: v.float() if v.dtype in HALF else v for k, v in state.items()}
         frozen = ("visual.", "text.")  # CLIP's own weights; the prompts (text.ctx) are ours
         return {k: v for k, v in state.items() if k == "text.ctx" or not k.startswith(frozen)}
 

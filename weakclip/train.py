@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .clip import input_stats
 from .checkpoints import checkpoint_metadata, load_refiner
+from .clip import input_stats
 from .config import Config, dump_config
 from .data.datasets import SegDataset, list_samples, preflight
 from .data.transforms import TrainTransform
 from .distributed import DistInfo, init_distributed
-from .engine import LoopSpec, train_loop, warmup_cosine
+from .engine import LoopSpec, resolve_amp, train_loop, warmup_cosine
 from .fileio import write_text_atomic
 from .losses import weakclip_losses
 from .model import WeakCLIP, build_model
+from .precision import DTYPES
 
 
 def loop_spec(cfg: Config) -> LoopSpec:
@@ -24,6 +26,14 @@ def loop_spec(cfg: Config) -> LoopSpec:
     return LoopSpec(iters=t.iters, batch_size=t.batch_size, workers=t.workers, seed=t.seed, amp=t.amp,
                     checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
                     log_every=t.log_every, val_every=t.val_every)
+
+
+def training_precision(cfg: Config, device: torch.device) -> str:
+    """The precision training runs at: ``train.amp`` resolved for ``device`` (:func:`resolve_amp`), except
+    that "auto" is fp32 in released mode, as the released code trains."""
+    if cfg.train.amp == "auto" and cfg.model.released:
+        return "fp32"
+    return resolve_amp(cfg.train.amp, device)
 
 
 def train_dataset(cfg: Config, progress: bool = True, model_cfg: Config | None = None) -> SegDataset:
@@ -91,6 +101,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     # The model first: a checkpoint's model (released normalisation, its classes) shapes the data.
     model, model_cfg = initial_model(cfg, clip_model)
+    precision = training_precision(model_cfg, info.device)
+    model.set_compute_dtype(DTYPES[precision])  # frozen towers cast once; the loop autocasts the rest
     dataset = train_dataset(cfg, progress=info.is_main, model_cfg=model_cfg)
     if info.is_main:
         write_text_atomic(output / "config.yaml", dump_config(model_cfg))
@@ -101,5 +113,5 @@ def train(cfg: Config, output: str | Path, resume: bool = False, info: DistInfo 
         validate = validator(cfg, info)
     return train_loop(model, dataset, refiner_loss(model_cfg), build_optimizer(model, model_cfg),
                       warmup_cosine(cfg.train.lr, cfg.train.iters, cfg.train.warmup_iters, cfg.train.min_lr),
-                      loop_spec(cfg), output, info, resume=resume, metadata=checkpoint_metadata(model_cfg),
-                      validate=validate)
+                      dataclasses.replace(loop_spec(cfg), amp=precision), output, info, resume=resume,
+                      metadata=checkpoint_metadata(model_cfg), validate=validate)

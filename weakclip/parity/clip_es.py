@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..clip_es import ClipES, background_scores, crf_image, crf_seed, seed_without_crf
-from ..crf import dense_crf_pydensecrf
 from ..config import CRFConfig, SeedsConfig
+from ..crf import dense_crf_pydensecrf
 from ..errors import WeakclipError
 from . import FP64_FACTOR, RTOL, ParityReport, fp16_ulp, register_checker, top2_margin
 

@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from ..data.masks import read_mask, voc_palette
-from ..fileio import visible_files
 from ..errors import WeakclipError
+from ..fileio import visible_files
 from ..metrics import ConfusionMeter
 from .page import render_page
 

@@ -123,8 +123,10 @@ def test_training_step_under_amp_reaches_the_prompts_through_the_bf16_text_tower
 def test_checkpointed_clip_weights_are_float32_whatever_the_compute_dtype(tiny_clip_cfg):
     import dataclasses
 
-    cfg = ModelConfig(clip=dataclasses.replace(tiny_clip_cfg, in_checkpoint=True), decoder_channels=32)
-    model = build_model(cfg, ["background", "cat"]).set_compute_dtype(torch.bfloat16)
+    clip = dataclasses.replace(tiny_clip_cfg, in_checkpoint=True)
+    cfg = ModelConfig(clip=clip, decoder_channels=32)
+    model = build_model(cfg, ["background", "cat"], load_clip(clip, from_checkpoint=True))
+    model.set_compute_dtype(torch.bfloat16)
     state = model.weakclip_state_dict()
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
     assert torch.equal(state["visual.visual.conv1.weight"], model.visual.visual.conv1.weight.float())
@@ -199,7 +201,7 @@ def test_train_runs_the_loop_at_the_resolved_precision_with_the_towers_cast(monk
     from weakclip.distributed import DistInfo
 
     seen = {}
-    monkeypatch.setattr(train_module, "train_dataset", lambda cfg, progress=True: None)
+    monkeypatch.setattr(train_module, "train_dataset", lambda cfg, progress=True, model_cfg=None: None)
     monkeypatch.setattr(train_module, "train_loop",
                         lambda model, dataset, loss, optimizer, lr, spec, *args, **kwargs: seen.update(
                             spec=spec, dtype=model.visual.visual.conv1.weight.dtype, ctx=model.text.ctx.dtype))

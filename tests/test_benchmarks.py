@@ -24,7 +24,8 @@ def test_gpu_benchmark_smoke_run_prints_its_figures():
         assert result[f"pseudo_mask_images_per_s_batch{batch_size}"] > 0
     assert result["crf_workers"] == 0  # --smoke runs the CRF in the process: no pool to start
     assert result["pseudo_mask_model_fp32_images_per_s"] > 0 and result["pseudo_mask_model_bf16_images_per_s"] > 0
-    assert 0.0 <= result["fp32_vs_bf16_pixel_agreement"] <= 1.0
+    # bf16 moves few labels of the same model (at most the pixels near a tie): not a coin toss.
+    assert 0.5 < result["fp32_vs_bf16_pixel_agreement"] <= 1.0
 
 
 def test_precision_benchmark_smoke_run_prints_its_figures():

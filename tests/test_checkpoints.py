@@ -205,13 +205,17 @@ def _tiny_coco_tree(root: Path) -> dict[str, list[int]]:
     return labels
 
 
+def _tiny_coco_settings(root: Path) -> list[str]:
+    return [f"data.root={root}", "data.split=train", "infer.crf=false", "infer.view_resize=torch",
+            "infer.short_side=48", "infer.scales=[1.0, 0.75]", "infer.flip=true", "infer.crop_size=48",
+            "infer.stride=32", "infer.crf_workers=0"]
+
+
 def test_released_coco_pseudo_masks_then_evaluate_with_the_coco_config(released_coco, reference, tmp_path, capsys):
     _, converted = released_coco
     root = tmp_path / "COCO14"
     labels = _tiny_coco_tree(root)
-    sets = [f"data.root={root}", "data.split=train", "infer.crf=false", "infer.view_resize=torch",
-            "infer.short_side=48", "infer.scales=[1.0, 0.75]", "infer.flip=true", "infer.crop_size=48",
-            "infer.stride=32", "infer.crf_workers=0"]
+    sets = _tiny_coco_settings(root)
     lut = np.full(256, 255, np.uint8)  # released slot -> contiguous class (dead slots -> 255): built here
     lut[LIVE_SLOTS] = np.arange(81)
     for use_filter in (True, False):
@@ -244,6 +248,25 @@ def test_released_coco_pseudo_masks_then_evaluate_with_the_coco_config(released_
     assert result["pixel_accuracy"] == pytest.approx(100.0) and result["miou"] == pytest.approx(100.0)
     scored = {name for name, s in result["per_class"].items() if s.get("iou") is not None}
     assert {"person", "stop sign", "toothbrush"} <= scored
+
+
+def test_the_api_refines_and_saves_a_released_coco_model_in_the_config_classes(released_coco, tmp_path):
+    from weakclip import Refiner
+
+    _, converted = released_coco
+    root = tmp_path / "COCO14"
+    labels = _tiny_coco_tree(root)
+    cfg = load_config("coco", _tiny_coco_settings(root))
+    pseudo_masks(cfg, converted, tmp_path / "pm")
+    refiner = Refiner.from_checkpoint(converted, config=cfg, device="cpu")
+    assert refiner.class_names == cfg.data.class_names and refiner.model.head.classifier.out_channels == 91
+    again = Refiner.from_pretrained(refiner.save_pretrained(tmp_path / "saved"), device="cpu")
+    assert again.class_names == cfg.data.class_names
+    for image_id, image_labels in labels.items():
+        written = read_mask(tmp_path / "pm" / f"{image_id}.png")
+        image = root / "images" / f"{image_id}.jpg"
+        assert np.array_equal(refiner.refine(image, image_labels).mask, written), image_id
+        assert np.array_equal(again.refine(image, image_labels).mask, written), image_id
 
 
 def test_a_91_slot_checkpoint_without_meta_is_the_released_coco_label_space(coco_state, tmp_path):

@@ -321,7 +321,9 @@ class Refiner:
 
         folder = Path(folder)
         save_weights(folder / WEIGHTS, self.model, checkpoint_metadata(self.config))
-        write_text_atomic(folder / CONFIG, dump_config(self.config))
+        # The weights' header names every output; config.yaml, the run config, only the classes written.
+        run = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data, class_names=self.class_names))
+        write_text_atomic(folder / CONFIG, dump_config(run))
         write_text_atomic(folder / MODEL_CARD, model_card(self.config, self.model, metrics))
         return folder
 

@@ -165,7 +165,7 @@ def test_sample_scores_match_hand_computed_references(sample_report):
 def test_sample_report_in_chromium_rows_sort_filter_viewer(sample_report, browser):
     from selenium.webdriver.common.by import By
 
-    data, maps, index = sample_report["data"], sample_report["maps"], sample_report["dir"] / "index.html"
+    maps, index = sample_report["maps"], sample_report["dir"] / "index.html"
     open_page(browser, index)
     assert browser.find_element(By.ID, "count").text == "200 of 200 images"
     select(browser, "page-size", "500")

@@ -97,6 +97,15 @@ def weights_file(pretrained: str) -> Path | None:
     return None
 
 
+def refuse_in_checkpoint(cfg: ClipConfig) -> None:
+    """One line, never a silently random CLIP, for ``cfg.in_checkpoint`` where no checkpoint is loaded: those
+    weights exist only inside a refiner checkpoint. Commands call it before they write anything."""
+    if cfg.in_checkpoint:
+        raise WeakclipError("model.clip.in_checkpoint: true, but no checkpoint is loaded here: those CLIP weights "
+                            "exist only inside the refiner checkpoint the config was saved with; set "
+                            "model.clip.in_checkpoint=false and model.clip.pretrained to a CLIP weights file")
+
+
 def load_clip(cfg: ClipConfig, from_checkpoint: bool = False) -> nn.Module:
     """Build the open_clip model named by ``cfg`` and load its weights; returns an fp32 model in eval mode.
 
@@ -108,10 +117,8 @@ def load_clip(cfg: ClipConfig, from_checkpoint: bool = False) -> nn.Module:
     (``from_checkpoint``): elsewhere it is refused in one line, never a silently random CLIP.
     """
     pretrained = cfg.pretrained
-    if cfg.in_checkpoint and not from_checkpoint:
-        raise WeakclipError("model.clip.in_checkpoint: true, but no checkpoint is loaded here: those CLIP weights "
-                            "exist only inside the refiner checkpoint the config was saved with; set "
-                            "model.clip.in_checkpoint=false and model.clip.pretrained to a CLIP weights file")
+    if not from_checkpoint:
+        refuse_in_checkpoint(cfg)
     if pretrained is None or cfg.in_checkpoint:
         # Random weights from a fixed seed: checkpoints hold no CLIP weights, so reloading one must rebuild
         # the very same random CLIP it was trained on.

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import clip_weights_identity
-from .clip import load_clip
+from .clip import load_clip, refuse_in_checkpoint
 from .clip_es import ClipES, seed_from_cams
 from .config import Config
 from .data.datasets import Sample, labels_source, list_samples, load_image
@@ -80,6 +80,7 @@ def write_seeds(cfg: Config, output: str | Path, split: str | None = None, keep_
     :func:`~weakclip.jobs.run_jobs`); ``reset`` discards seeds written there with other settings, and a
     refusal names ``reset_flag``. Returns {"output", "written", "skipped", "missing"} on the main
     process, None elsewhere."""
+    refuse_in_checkpoint(cfg.model.clip)  # before the folder is touched
     info = info or init_distributed(INFERENCE_TIMEOUT)
     split = split or cfg.data.split
     out = Path(output)

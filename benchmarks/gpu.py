@@ -3,7 +3,8 @@
     python benchmarks/gpu.py [--repeat 10] [--images 8]
     python benchmarks/gpu.py --smoke      # the same code at toy sizes on any device (CI runs it on CPU)
 
-- training: ViT-B/16 (random weights: timing does not depend on them), 512 x 512, batch 8, bf16 autocast,
+- training: ViT-B/16 (random weights: timing does not depend on them), 512 x 512, batch 8, bf16 (frozen towers
+  cast once, the trainable modules under autocast),
   one full step (forward, seeding + boundary (torch CRF on the GPU, the ``auto`` choice) + auxiliary
   losses, backward, AdamW) against the frozen image tower's own forward on the same batch; images/s and
   peak GPU memory;
@@ -11,8 +12,8 @@
   images, for window batch sizes 1, 8 and 16 (``infer.batch_size``): the network alone, and the whole
   stage (``write_label_maps``: network, Eq. 14 filter, dense CRF in the worker pool at its default size,
   PNGs), images/s, with the CRF worker count it used,
-  in fp32 (the default); and the share of pixels whose argmax agrees between fp32 and bf16 autocast
-  (``infer.precision: bf16``), with the bf16 images/s (random weights: a pretrained model's margins differ).
+  in fp32 (the default); and the share of pixels whose argmax agrees between fp32 and bf16
+  (``infer.precision: bf16``: the model cast once), with the bf16 images/s (random weights: a pretrained model's margins differ).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def main() -> None:
             result[f"pseudo_mask_images_per_s_batch{batch_size}"] = round(n_images / (time.perf_counter() - t), 3)
         labels = {}
         icfg.batch_size = InferConfig().batch_size
-        for precision in ("fp32", "bf16"):  # fp32 is the default; bf16 autocast is the opt-in
+        for precision in ("fp32", "bf16"):  # fp32 is the default; bf16 is the opt-in
             predict = refiner_predictor(model, device, precision)
             t = time.perf_counter()
             labels[precision] = [multiscale_probs(predict, image, icfg, device).argmax(0) for image in images]

@@ -23,7 +23,8 @@ import torch
 from weakclip.config import ClipConfig, Config, ModelConfig
 from weakclip.losses import weakclip_losses
 from weakclip.model import build_model
-from weakclip.train import build_optimizer
+from weakclip.precision import DTYPES
+from weakclip.train import build_optimizer, training_precision
 
 
 def sync_device(device: torch.device) -> None:
@@ -55,14 +56,17 @@ def measure_step(batch: int, size: int, device: torch.device, repeat: int, clip_
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)  # what ``weakclip train`` uses
     loss_cfg = cfg.loss
-    amp = device.type == "cuda"
+    # As ``weakclip train`` runs: train.amp "auto" resolved for the device, frozen towers cast once.
+    precision = training_precision(cfg, device)
+    model.set_compute_dtype(DTYPES[precision])
+    amp = precision != "fp32"
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     seeds = torch.randint(0, 21, (batch, size, size), device=device)
     seeds[:, : size // 8] = 255  # some ignored pixels, as padding gives
     normalised = (images.float() - model.mean) / model.std
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=DTYPES[precision], enabled=amp):
             out = model(images)
             losses = weakclip_losses(out["logits"], out["score_map"], seeds, images, loss_cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -70,8 +74,8 @@ def measure_step(batch: int, size: int, device: torch.device, repeat: int, clip_
         optimizer.step()
 
     def forward() -> None:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            model.visual(normalised)
+        with torch.no_grad():  # the frozen tower as the model runs it: its own dtype, no autocast
+            model.visual(normalised.to(DTYPES[precision]))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -88,6 +92,7 @@ def measure_step(batch: int, size: int, device: torch.device, repeat: int, clip_
         "batch": batch,
         "size": size,
         "crf_backend": loss_cfg.crf_backend,
+        "precision": precision,
     }
     if device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -16,8 +16,9 @@ CLIP_ES_FIXTURE = SHARED / "reference" / "parity" / "clip-es-tiny"
 
 
 def _shared(path: Path, what: str) -> Path:
-    """``path`` under ../shared; skipped with a clear reason when absent, except under CI=true where it must exist."""
-    if not path.is_dir():
+    """``path`` (a file or folder) under ../shared; skipped with a clear reason when absent, except under CI=true
+    where it must exist."""
+    if not path.exists():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{path} is missing: CI must run with ../shared beside the clone")
         pytest.skip(f"{what} not found at {path} (place ../shared beside the repo)")

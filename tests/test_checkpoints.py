@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, TINY_ARCH, make_data_root, sample_ids, write_tiny_config
+from conftest import SHARED, TINY_ARCH, _shared, make_data_root, sample_ids, write_tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -49,14 +49,6 @@ HEADS = {"vision_heads": 2, "text_heads": 2, "coattn_heads": 2}
 DEAD = {12: "street sign", 26: "hat", 29: "shoe", 30: "eye glasses", 45: "plate", 66: "mirror", 68: "window",
         69: "desk", 71: "door", 83: "blender"}
 LIVE_SLOTS = [0, *COCO_CATEGORY_IDS]  # config class i runs in released slot LIVE_SLOTS[i]
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing: CI must run with ../shared beside the clone")
-        pytest.skip(f"{path} not found (place ../shared beside the repo)")
-    return path
 
 
 def coco_slot_names() -> list[str]:
@@ -93,7 +85,7 @@ def widen_to_91(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torc
 
 @pytest.fixture(scope="module")
 def coco_state() -> dict[str, torch.Tensor]:
-    return widen_to_91(load_file(str(_need(FIXTURE) / "state_dict.safetensors")))
+    return widen_to_91(load_file(str(_shared(FIXTURE, "the weakclip-tiny parity fixture") / "state_dict.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +111,7 @@ def reference(coco_state):
 
 def test_full_size_key_list_with_91_slots_converts_into_the_coco_model():
     keys = {}
-    for line in _need(KEYS).read_text().splitlines():
+    for line in _shared(KEYS, "the released state-dict key list").read_text().splitlines():
         key, shape, _ = line.split("\t")
         dims = [int(s) for s in re.findall(r"\d+", shape)]
         if key.startswith("decode_head.conv_seg."):
@@ -433,7 +425,7 @@ def test_init_from_adopts_the_checkpoints_model_before_the_data(tmp_path, voc_sa
 
     pth = tmp_path / "voc.pth"
     torch.save({"meta": {"CLASSES": tuple(load_config("voc").data.class_names)},
-                "state_dict": load_file(str(_need(FIXTURE) / "state_dict.safetensors"))}, pth)
+                "state_dict": load_file(str(_shared(FIXTURE, "the weakclip-tiny parity fixture") / "state_dict.safetensors"))}, pth)
     converted = tmp_path / "voc.safetensors"
     convert_checkpoint(pth, converted, load_config("voc"), **HEADS)
     root = make_data_root(tmp_path / "data", voc_sample, sample_ids(voc_sample, 2))

@@ -11,9 +11,9 @@ from conftest import make_data_root, sample_ids
 from PIL import Image
 from safetensors.torch import save_file
 
+from weakclip.checkpoints import load_refiner
 from weakclip.cli import main
 from weakclip.config import load_config
-from weakclip.checkpoints import load_refiner
 
 
 def _miou(pred_dir, gt_dir, ids, k):

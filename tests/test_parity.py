@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import _shared
 from safetensors.torch import load_file
 
 from weakclip.coattention import CoAttention
@@ -29,11 +29,7 @@ PARITY = REFERENCE / "parity"
 
 
 def _reference(path: Path) -> Path:
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing: CI must run with ../shared beside the clone")
-        pytest.skip(f"parity reference not found at {path} (place ../shared/reference beside the repo)")
-    return path
+    return _shared(path, "the parity reference")
 
 
 def _fixtures() -> list[str]:

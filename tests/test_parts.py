@@ -12,12 +12,12 @@ import torch
 from conftest import TINY_ARCH_BY_BACKBONE, TINY_RESNET_ARCH, make_data_root, sample_ids
 
 from weakclip.backbones import list_backbones
+from weakclip.checkpoints import load_refiner
 from weakclip.cli import main
 from weakclip.coattention import list_co_attention
 from weakclip.config import BackboneConfig, ClipConfig, CoAttentionConfig, Config, ModelConfig
 from weakclip.data.masks import read_mask
 from weakclip.engine import save_weights
-from weakclip.checkpoints import load_refiner
 from weakclip.model import build_model
 from weakclip.train import checkpoint_metadata
 

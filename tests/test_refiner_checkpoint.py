@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import make_data_root, sample_ids, write_tiny_config
 
+from weakclip.checkpoints import load_refiner
 from weakclip.cli import main
 from weakclip.config import load_config
 from weakclip.engine import save_weights
 from weakclip.errors import WeakclipError
-from weakclip.checkpoints import load_refiner
 from weakclip.model import build_model
 from weakclip.train import checkpoint_metadata
 

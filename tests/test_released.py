@@ -15,11 +15,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from weakclip.checkpoints import load_refiner, load_released
 from weakclip.cli import main
 from weakclip.config import VOC_CLASSES, config_from_dict, load_config
 from weakclip.engine import read_header
 from weakclip.errors import WeakclipError
-from weakclip.checkpoints import load_refiner, load_released
 from weakclip.released import read_released
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "parity" / "weakclip-tiny"

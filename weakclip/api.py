@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import Config, config_from_dict, config_to_dict, dump_config, parse_overrides
+from .config import Config, dump_config, with_overrides
 from .config import load_config as _load_config
 from .errors import WeakclipError
 from .fileio import write_text_atomic
@@ -61,11 +61,7 @@ def load_config(name_or_path: str | os.PathLike[str], overrides: Sequence[str] =
 def _config(config: ConfigLike, overrides: Sequence[str] = ()) -> Config:
     """A private copy of ``config`` (a Config, a shipped name or a YAML file) with ``overrides`` applied."""
     if isinstance(config, Config):
-        if not overrides:
-            return copy.deepcopy(config)
-        from .config import _merge
-
-        return config_from_dict(_merge(config_to_dict(config), parse_overrides(list(overrides))))
+        return with_overrides(config, list(overrides)) if overrides else copy.deepcopy(config)
     return load_config(config, overrides)
 
 

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from .clip import RANDOM_CLIP_SEED, load_clip, weights_file
-from .config import ClipConfig, Config, config_from_dict, dump_config
+from .config import ClipConfig, Config, config_from_dict, dump_config, flatten
 from .data.datasets import COCO_CATEGORY_IDS
 from .engine import load_weights, read_header, save_weights
 from .errors import WeakclipError, warn
@@ -174,17 +174,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, base: Config, **heads: 
 # ---------------------------------------------------------------------------------------------- refiner
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and key != "arch" else
-                   {f"{prefix}{key}": value})
-    return out
-
-
 def _architecture(model: dict) -> dict:
     clip = model["clip"]
-    flat = _flat(model)
+    flat = flatten(model, keep=("arch",))
     return {"clip.arch" if clip["arch"] else "clip.model": clip["arch"] or clip["model"],
             **{key: flat[key] for key in ARCHITECTURE_KEYS}}
 
@@ -217,7 +209,7 @@ def _trained_model(checkpoint: Path, cfg: Config, clip_model: torch.nn.Module | 
         where = key if key in arch_ours else "clip.arch" if key == "clip.model" else "clip.model"
         raise WeakclipError(f"{checkpoint}: trained with model.{key}={arch_theirs[key]!r}, the config has "
                             f"model.{where}={arch_ours[where]!r}")
-    ours, theirs = _flat(ours), _flat(theirs)
+    ours, theirs = flatten(ours, keep=("arch",)), flatten(theirs, keep=("arch",))
     differ = [k for k in theirs if k not in ("clip.pretrained", "clip.model", "clip.arch") and theirs[k] != ours.get(k)]
     if differ:
         warn(f"{checkpoint} was trained with " + ", ".join(f"model.{k}={theirs[k]!r}" for k in differ)

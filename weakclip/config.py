@@ -386,6 +386,21 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+def flatten(tree: object, keep: tuple[str, ...] = (), prefix: str = "") -> dict[str, object]:
+    """A nested dict as {"a.b.c": leaf}; empty dicts and the entries named in ``keep`` are leaves."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update({f"{prefix}{key}": value} if key in keep else flatten(value, keep, f"{prefix}{key}."))
+    return out
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A new Config: ``cfg`` with ``key=value`` overrides applied as ``--set`` applies them (``cfg`` unchanged)."""
+    return config_from_dict(_merge(config_to_dict(cfg), parse_overrides(overrides)))
+
+
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """Load a shipped config by name (``voc``) or a YAML file, then apply ``key=value`` overrides."""
     tree = _load_tree(name_or_path)

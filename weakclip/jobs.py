@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .checkpoints import clip_weights_identity
-from .config import Config, CRFConfig, InferConfig, ModelConfig
+from .config import Config, CRFConfig, InferConfig, ModelConfig, flatten
 from .data.datasets import Sample, labels_source, load_image
 from .data.masks import write_mask
 from .distributed import (
@@ -78,18 +78,9 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 # ------------------------------------------------------------------------------------ output folder
 
 
-def _flat(tree: object, prefix: str = "") -> dict[str, object]:
-    if not isinstance(tree, dict) or not tree:
-        return {prefix.rstrip("."): tree}
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}."))
-    return out
-
-
 def settings_diff(old: dict, new: dict, limit: int = 3) -> str:
     """The settings that differ as ``key: old -> new`` (JSON values), the first ``limit`` of them."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "(unset)") != b.get(k, "(unset)")]
     show = lambda v: "(unset)" if v == "(unset)" else json.dumps(v)
     parts = [f"{k}: {show(a.get(k, '(unset)'))} -> {show(b.get(k, '(unset)'))}" for k in keys[:limit]]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .data.datasets import folder_image
 from .data.masks import colorize, read_mask
 from .errors import WeakclipError
 from .fileio import atomic_path, visible_files
@@ -18,7 +19,6 @@ MAX_PANEL_HEIGHT = 320  # panels taller than this are scaled down
 TITLE_HEIGHT = 16  # white strip above each panel
 PANEL_GAP = 4  # white space between panels
 _MISSING_GREY = (128, 128, 128)
-_IMAGE_SUFFIXES = (".jpg", ".png")
 
 
 def _fit_title(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
@@ -68,11 +68,10 @@ def make_grid(image: np.ndarray, masks: Sequence[np.ndarray | None], titles: Seq
 
 
 def _image_path(images_dir: Path, image_id: str) -> Path:
-    for suffix in _IMAGE_SUFFIXES:
-        path = images_dir / f"{image_id}{suffix}"
-        if path.is_file():
-            return path
-    raise WeakclipError(f"{images_dir / (image_id + '.jpg')}: image not found (nor as .png)")
+    path = folder_image(images_dir, image_id)
+    if not path.is_file():
+        raise WeakclipError(f"{path}: image not found (nor as .jpeg or .png)")
+    return path
 
 
 def _read_image(path: Path) -> np.ndarray:

@@ -234,7 +234,8 @@ def _workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def _folder_image(images: Path, stem: str) -> Path:
+def folder_image(images: Path, stem: str) -> Path:
+    """``images/<stem>`` with the first of :data:`IMAGE_EXTS` that exists, else ``images/<stem>.jpg``."""
     for ext in IMAGE_EXTS:
         if (images / f"{stem}{ext}").is_file():
             return images / f"{stem}{ext}"
@@ -299,7 +300,7 @@ def list_samples(
             if not stems:
                 raise WeakclipError(f"{list_file}: no .jpg/.jpeg/.png images found")
             ids = stems
-        images = [_folder_image(root / "images", i) for i in ids]
+        images = [folder_image(root / "images", i) for i in ids]
         seeds_dir, gt_dir = root / "seeds", root / "gt"
         labels_path = next((p for p in (root / "labels.json", root / "labels.csv") if p.is_file()),
                            root / "labels.json")

@@ -425,6 +425,24 @@ def test_report_command_bad_folder_is_one_line_and_writes_nothing(tiny, capsys):
     assert not (root / "eval.json").exists() and not (root / "out").exists()
 
 
+def test_an_output_folder_that_is_not_a_report_is_refused_and_kept(tiny, capsys):
+    root, _ = tiny
+    out = root / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["report", "--images", str(root / "img"), "--pred", str(root / "pred"), "--config", "voc",
+            "--output", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"weakclip: error: {out}: exists and is not a weakclip report (no report.json of one); "
+                   f"nothing was changed: choose a new or empty --output folder")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    # An earlier report there is replaced.
+    (out / "notes.txt").unlink()
+    assert main(args) == 0 and main(args) == 0
+    assert (out / "index.html").is_file() and not list(root.glob(".mine.*"))
+
+
 def test_card_falls_back_to_the_config_and_knows_retrained_segmenters(tmp_path):
     from weakclip.report import protocol_card
 

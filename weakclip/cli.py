@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cams", help="folder of <id>.npz CAMs (`weakclip seeds --save-cams` writes OUTPUT/cams)")
     p.add_argument("--list", help="file of ids, one row each (default: every PNG in --pred)")
     _add_config(p)
-    p.add_argument("--output", required=True, help="report folder (index.html, images, overlays); replaced whole")
+    p.add_argument("--output", required=True, help="report folder (index.html, images, overlays): new, empty or an earlier report, which is "
+                        "replaced whole")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("visualize", help="side-by-side grids: image and label maps")

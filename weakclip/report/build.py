@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..data.datasets import folder_image
 from ..data.masks import read_mask, voc_palette
 from ..errors import WeakclipError
 from ..fileio import visible_files
@@ -36,7 +37,6 @@ from ..metrics import ConfusionMeter
 from .page import render_page
 
 THUMB_SIZE = 160  # longest side of a thumbnail, in pixels
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _PALETTE = voc_palette().reshape(-1).tolist()
 
 
@@ -76,13 +76,6 @@ def _thumb_size(w: int, h: int) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _find_image(images_dir: Path, image_id: str) -> Path | None:
-    for suffix in _IMAGE_SUFFIXES:
-        if (path := images_dir / f"{image_id}{suffix}").is_file():
-            return path
-    return None
-
-
 def _pct(num: float, den: float) -> float | None:
     return None if den == 0 else 100.0 * num / den
 
@@ -112,9 +105,9 @@ class _Builder:
 
     def _image(self, row: dict, image_id: str) -> tuple[int, int] | None:
         """Copy the image, write its thumbnail; its (width, height), or None when missing or unreadable."""
-        path = _find_image(self.images_dir, image_id)
-        if path is None:
-            self._problem(row, "missing", f"{self.images_dir / (image_id + '.jpg')}: image missing")
+        path = folder_image(self.images_dir, image_id)
+        if not path.is_file():
+            self._problem(row, "missing", f"{path}: image missing")
             return None
         try:
             with Image.open(path) as im:
@@ -246,6 +239,23 @@ class _Builder:
         }
 
 
+REPORT_FORMAT = "weakclip-report/1"  # report.json's "format": what marks a folder as a report this package wrote
+
+
+def _check_replaceable(out: Path) -> None:
+    """``out`` may be replaced only when it is absent, an empty folder or an earlier report (its report.json
+    says so): a folder of anything else is refused in one line and left as it is."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    try:
+        ours = json.loads((out / "report.json").read_text()).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise WeakclipError(f"{out}: exists and is not a weakclip report (no report.json of one); nothing was "
+                            f"changed: choose a new or empty --output folder")
+
+
 def _replace_folder(staging: Path, out: Path) -> None:
     """Move the finished ``staging`` folder onto ``out``; an old report there is removed only afterwards."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -290,6 +300,8 @@ def build_report(
     if not ids:
         raise WeakclipError("report: the list of image ids is empty")
 
+    _check_replaceable(output)
+
     from tqdm import tqdm
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +311,7 @@ def build_report(
         builder = _Builder(staging, images_dir, layers, class_names, ignore_index)
         rows = [builder.image(i) for i in tqdm(ids, desc="report", unit="img", disable=not progress)]
         data = {
+            "format": REPORT_FORMAT,
             "classes": list(class_names),
             "colors": ["#%02x%02x%02x" % tuple(c) for c in voc_palette()[: len(class_names)].tolist()],
             "ignore_color": "#%02x%02x%02x" % tuple(voc_palette()[ignore_index].tolist()),
